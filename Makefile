@@ -1,0 +1,25 @@
+# Two commands on a fresh machine:  make simulate  (the main job)  and  make test.
+# Each creates .venv and installs hemex with its pinned, tested dependency versions on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+SEED ?= 0
+
+.PHONY: simulate test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+simulate: $(STAMP)
+	$(VENV)/bin/hemex phantoms --cohort paper --seed $(SEED) --out runs/paper-seed$(SEED) --reuse \
+		--preview runs/paper-seed$(SEED)-preview.png
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

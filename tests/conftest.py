@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny synthetic head CTs and a small valid multi-centre cohort on disk."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common.data import io
+
+CASES_HEADER = ["case_id", "he", "onset_to_ct_h", "followup_volume_ml"]
+
+
+def synthetic_head_ct(size=(24, 24, 6), spacing=(0.9, 0.9, 5.0), origin=(0.0, 0.0, 0.0)):
+    """(image, mask): an axial head-like HU volume and its hematoma mask on the same grid.
+
+    Air -1000 HU outside an elliptical skull (1000 HU) around brain (30 HU) holding a 60 HU
+    blob: enough to pass every HU plausibility check while staying a few kB on disk.
+    """
+    nx, ny, nz = size
+    z, y, x = np.mgrid[0:nz, 0:ny, 0:nx]
+    radius = ((x - (nx - 1) / 2) / (0.45 * nx)) ** 2 + ((y - (ny - 1) / 2) / (0.4 * ny)) ** 2
+    blob = ((x - nx // 2 - 2) ** 2 + (y - ny // 2) ** 2 <= 4) & (np.abs(z - nz // 2) <= 1)
+    hu = np.full((nz, ny, nx), -1000.0, dtype=np.float32)
+    hu[radius <= 1.0] = 1000.0
+    hu[radius <= 0.75] = 30.0
+    hu[blob] = 60.0
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    mask = sitk.GetImageFromArray(blob.astype(np.uint8))
+    mask.CopyInformation(image)
+    return image, mask
+
+
+def write_cases(path: Path, rows: list[dict], header=CASES_HEADER) -> None:
+    """Write a cases.csv; missing columns in a row are left empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_cohort(root: Path) -> Path:
+    """A valid DATA_ROOT with two centres and every storage format.
+
+    A (NIfTI): a1 he=1 .nii.gz + mask; a2 he=0 .nii + mask at 0.45/2.5 mm; a3 he unknown, stored
+        with permuted axes (array axis 0 is patient z), no mask.
+    B (DICOM): b1 he=1 series + mask at 0.5/3 mm; b2 he=0 series, no mask.
+    Root: truth.csv, README.md and a hidden file, all allowed.
+    """
+    root = Path(root)
+    image, mask = synthetic_head_ct()
+    io.write_image(image, root / "A/images/a1.nii.gz")
+    io.write_image(mask, root / "A/masks/a1.nii.gz")
+    image, mask = synthetic_head_ct(spacing=(0.45, 0.45, 2.5))
+    io.write_image(image, root / "A/images/a2.nii", compress=False)
+    io.write_image(mask, root / "A/masks/a2.nii.gz")
+    image, _ = synthetic_head_ct()
+    io.write_image(sitk.PermuteAxes(image, [2, 0, 1]), root / "A/images/a3.nii.gz")
+    write_cases(root / "A/cases.csv", [
+        {"case_id": "a1", "he": "1", "onset_to_ct_h": "2.5", "followup_volume_ml": "31.2"},
+        {"case_id": "a2", "he": "0", "onset_to_ct_h": "4", "followup_volume_ml": ""},
+        {"case_id": "a3", "he": ""},
+    ])
+    image, mask = synthetic_head_ct(spacing=(0.5, 0.5, 3.0), origin=(-6.0, -6.0, 10.0))
+    io.write_dicom_series(image, root / "B/images/b1", "b1")
+    io.write_image(mask, root / "B/masks/b1.nii.gz")
+    io.write_dicom_series(image, root / "B/images/b2", "b2")
+    write_cases(root / "B/cases.csv", [{"case_id": "b1", "he": "1"}, {"case_id": "b2", "he": "0"}],
+                header=["case_id", "he"])
+    (root / "truth.csv").write_text("center,case_id,he\n")
+    (root / "README.md").write_text("synthetic test cohort\n")
+    (root / ".DS_Store").write_bytes(b"\0")
+    return root
+
+
+@pytest.fixture
+def head_ct():
+    """The synthetic_head_ct factory, for tests that write their own images."""
+    return synthetic_head_ct
+
+
+@pytest.fixture(scope="session")
+def _cohort_template(tmp_path_factory) -> Path:
+    return build_cohort(tmp_path_factory.mktemp("cohort_template") / "data")
+
+
+@pytest.fixture
+def cohort(_cohort_template, tmp_path) -> Path:
+    """A fresh valid cohort (see build_cohort) for a test to break: a copy of one built per
+    session, since writing the images and DICOM series for every test is the slow part."""
+    return Path(shutil.copytree(_cohort_template, tmp_path / "data"))
