@@ -292,7 +292,8 @@ def test_orphan_and_unsupported_entries(cohort, source, orphan, phrase):
     (lambda p, a: write_like(a[0], p, spacing=(0.9, 0.9)), "expected a 3D volume"),
     (lambda p, a: io.write_image(sitk.Compose([sitk.GetImageFromArray(a)] * 2), p), "expected a scalar image"),
     (lambda p, a: write_like(np.where(a == 1000, 5000, a), p), "not in HU or rescale missing"),
-    (lambda p, a: write_like(np.where(a == -1000, -3024, a), p), "not in HU or rescale missing"),
+    (lambda p, a: write_like(np.where(a == -1000, -1500 - np.arange(a.size).reshape(a.shape) % 7, a), p),
+     "not in HU or rescale missing"),
     (lambda p, a: write_like(a + 1024, p), "no voxel below -200 HU: probably not HU (rescale intercept missing?)"),
     (lambda p, a: write_like(np.where(a >= 30, 200, a), p), "soft-tissue range [0, 100] HU"),
     (lambda p, a: write_like(np.full_like(a, -1000), p), "constant image"),
@@ -300,6 +301,15 @@ def test_orphan_and_unsupported_entries(cohort, source, orphan, phrase):
 def test_bad_image_content(cohort, head_ct, write, phrase):
     write(cohort / "A/images/a1.nii.gz", head_array(head_ct))
     assert_only(cohort, "A/images/a1.nii.gz", phrase)
+
+
+def test_uniform_padding_value_is_not_a_calibration_error(cohort, head_ct):
+    # Scanners pad outside the reconstruction circle with one value such as -3024.
+    array = head_array(head_ct)
+    array[:, :2, :] = -3024
+    write_like(array, cohort / "A/images/a1.nii.gz")
+    problems, _ = check_data_root(cohort)
+    assert problems == []
 
 
 def test_non_finite_values(cohort, monkeypatch):

@@ -7,7 +7,7 @@ from common.errors import ConfigError
 from common.networks import MambaLayer, UMamba, as_output_list, create_model, list_models, mamba_ssm_available
 from common.networks.mamba_layer import MAMBA_PARAM_NAMES
 
-IN_SHAPE = (1, 3, 8, 32, 32)
+IN_SHAPE = (1, 3, 8, 16, 16)  # smallest size every model's total stride divides
 # Names and shapes of mamba_ssm.Mamba's parameters (mamba_simple.py), spelled out on purpose.
 MAMBA_SSM_KEYS = {
     "in_proj.weight",
@@ -58,9 +58,9 @@ def test_deep_supervision_outputs(name):
     model = _model(name).train()
     outs = model(torch.randn(IN_SHAPE))
     # Strides (1,1,1),(1,2,2),(2,2,2),(2,2,2): decoder outputs at full, 1/(1,2,2), 1/(2,4,4).
-    assert [tuple(o.shape) for o in outs] == [(1, 2, 8, 32, 32), (1, 2, 8, 16, 16), (1, 2, 4, 8, 8)]
+    assert [tuple(o.shape) for o in outs] == [(1, 2, 8, 16, 16), (1, 2, 8, 8, 8), (1, 2, 4, 4, 4)]
     model.deep_supervision = False
-    assert model(torch.randn(IN_SHAPE)).shape == (1, 2, 8, 32, 32)
+    assert model(torch.randn(IN_SHAPE)).shape == (1, 2, 8, 16, 16)
 
 
 def test_as_output_list_treats_tensor_and_list_alike():
@@ -136,22 +136,22 @@ def test_unknown_backend_is_a_config_error():
 @pytest.mark.parametrize("name", list_models())
 def test_wrong_rank_raises_clear_error(name):
     model = _model(name)
-    with pytest.raises(ValueError, match=r"5D input \(B, C, D, H, W\).*\(3, 8, 32, 32\)"):
-        model(torch.randn(3, 8, 32, 32))
+    with pytest.raises(ValueError, match=r"5D input \(B, C, D, H, W\).*\(3, 8, 16, 16\)"):
+        model(torch.randn(3, 8, 16, 16))
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_non_divisible_size_raises_clear_error(name):
     model = _model(name)
-    with pytest.raises(ValueError, match=r"\(8, 30, 32\) must be a multiple of \(\d+, \d+, \d+\)"):
-        model(torch.randn(1, 3, 8, 30, 32))
+    with pytest.raises(ValueError, match=r"\(8, 12, 16\) must be a multiple of \(\d+, \d+, \d+\)"):
+        model(torch.randn(1, 3, 8, 12, 16))
 
 
 def test_umamba_reports_required_multiple_and_channel_mismatch():
     model = _model("umamba-bot")
     assert model.required_multiple == (4, 8, 8)
     with pytest.raises(ValueError, match="3 input channels"):
-        model(torch.randn(1, 1, 8, 32, 32))
+        model(torch.randn(1, 1, 8, 16, 16))
 
 
 def test_unknown_model_name_lists_available_names():

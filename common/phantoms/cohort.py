@@ -118,7 +118,7 @@ def render_case(job: CaseJob) -> dict:
     mask = mask_fine.reshape(nz, SUB_SLICES, *mask_fine.shape[1:]).mean(axis=1) >= 0.5
     scanner.store(hu, mask, origin, job.image_dir, job.mask_dir, job.case_id)
     voxel_ml = scanner.inplane_mm**2 * scanner.slice_mm / 1000.0
-    measured_hu = hu[mask] - scanner.hu_offset if mask.any() else np.array([np.nan])
+    measured_hu = hu[mask] if mask.any() else np.array([np.nan])  # as a reader would measure it
     return {
         "center": job.center, "case_id": job.case_id,
         "volume_ml": round(float(mask.sum() * voxel_ml), 3),

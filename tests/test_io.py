@@ -1,0 +1,147 @@
+"""Round trips through real NIfTI and DICOM files, and the preprocessing geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common.data import io
+from common.data.contract import Case
+from common.data.preprocess import Geometry, load_case, resample, to_canonical, to_original_grid, window_channels
+from common.errors import DataError
+
+
+def known_volume(spacing=(0.45, 0.5, 5.2), origin=(-60.0, -70.5, 12.25), size=(20, 16, 7)):
+    """A volume whose every voxel has a distinct integer HU, so any axis mix-up shows."""
+    nx, ny, nz = size
+    hu = (np.arange(nx * ny * nz).reshape(nz, ny, nx) % 2000 - 1000).astype(np.float32)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image, hu
+
+
+@pytest.mark.parametrize("name, pixel", [("ct.nii.gz", sitk.sitkInt16), ("ct.nii", sitk.sitkFloat32)])
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "LPI"])
+def test_nifti_round_trip_exact_hu_and_geometry(tmp_path, name, pixel, orientation):
+    image, hu = known_volume()
+    stored = sitk.Cast(sitk.DICOMOrient(image, orientation), pixel)
+    io.write_image(stored, tmp_path / name, compress=name.endswith(".gz"))
+    back = io.read_ct(tmp_path / name)
+    assert back.GetSpacing() == pytest.approx(stored.GetSpacing(), abs=1e-5)
+    assert back.GetOrigin() == pytest.approx(stored.GetOrigin(), abs=1e-4)
+    assert back.GetDirection() == pytest.approx(stored.GetDirection(), abs=1e-6)
+    canonical = to_canonical(back)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(canonical), hu)
+    assert canonical.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-4)
+    assert canonical.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-5)
+
+
+def test_dicom_round_trip_exact_hu_geometry_and_rescale(tmp_path):
+    image, hu = known_volume()
+    io.write_dicom_series(image, tmp_path / "series", patient_id="p1")
+    files = sorted((tmp_path / "series").iterdir())
+    assert len(files) == image.GetDepth()
+    raw = sitk.ReadImage(str(files[0]))  # one slice: stored values carry the -1024 intercept
+    assert raw.GetMetaData(io.TAG_RESCALE_INTERCEPT).strip() == "-1024"
+    assert raw.GetMetaData(io.TAG_MODALITY).strip() == "CT"
+    back = io.read_ct(tmp_path / "series")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), hu)
+    assert back.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-4)
+    assert back.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-4)
+
+
+def test_dicom_non_ct_modality_is_refused(tmp_path):
+    image, _ = known_volume()
+    io.write_dicom_series(image, tmp_path / "mr", patient_id="p2", extra_tags={"0008|0060": "MR"})
+    with pytest.raises(DataError, match=r"mr: DICOM modality is 'MR', expected 'CT'"):
+        io.read_ct(tmp_path / "mr")
+
+
+def test_broken_file_gives_one_line_error_naming_it(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(DataError) as err:
+        io.read_ct(bad)
+    assert str(err.value).startswith(str(bad)) and "\n" not in str(err.value)
+
+
+def test_write_image_is_atomic(tmp_path, monkeypatch):
+    image, _ = known_volume()
+    target = tmp_path / "out.nii.gz"
+    io.write_image(image, target)
+    before = target.read_bytes()
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", crash)
+    with pytest.raises(RuntimeError):
+        io.write_image(image * 2, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
+
+
+def test_oblique_scan_is_resampled_axis_aligned_keeping_physical_positions():
+    # A field linear in position: linear interpolation reproduces it exactly inside the volume.
+    k, j, i = np.mgrid[0:8, 0:24, 0:24]
+    image = sitk.GetImageFromArray((3.0 * i + 5.0 * j + 7.0 * k).astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    tilt = np.deg2rad(15)
+    image.SetDirection([1, 0, 0, 0, np.cos(tilt), -np.sin(tilt), 0, np.sin(tilt), np.cos(tilt)])
+    canonical = to_canonical(image)
+    assert canonical.GetDirection() == pytest.approx(np.eye(3).ravel().tolist())
+    centre = image.TransformContinuousIndexToPhysicalPoint([11.5, 11.5, 3.5])
+    expected = 3.0 * 11.5 + 5.0 * 11.5 + 7.0 * 3.5
+    sampled = canonical.EvaluateAtPhysicalPoint(centre, sitk.sitkLinear)
+    assert sampled == pytest.approx(expected, abs=1e-3)
+
+
+def test_load_case_resamples_image_and_mask_to_working_spacing(tmp_path):
+    hu = np.full((10, 40, 40), 30.0, dtype=np.float32)
+    hu[:, :, :4] = -1000
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[3:7, 10:30, 10:30] = 1  # 4 x 20 x 20 voxels of 0.5 x 0.5 x 5 mm = 1.25 uL each: 2 mL
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.5, 0.5, 5.0))
+    mask_image = sitk.GetImageFromArray(mask)
+    mask_image.CopyInformation(image)
+    io.write_image(sitk.DICOMOrient(image, "RAS"), tmp_path / "c.nii.gz")
+    io.write_image(sitk.DICOMOrient(mask_image, "RAS"), tmp_path / "m.nii.gz")
+    case = Case("A", "c", 1, tmp_path / "c.nii.gz", tmp_path / "m.nii.gz")
+    sample = load_case(case, spacing=(1.0, 1.0, 5.0))
+    assert sample.hu.shape == (10, 20, 20)
+    assert sample.spacing == pytest.approx((1.0, 1.0, 5.0))
+    assert sample.image.shape == (3, 10, 20, 20)
+    assert sample.mask.sum() * sample.voxel_ml == pytest.approx(2.0, rel=0.05)
+    assert sample.hu[5, 10, 10] == pytest.approx(30.0)
+    assert sample.original == Geometry.of(io.read_ct(tmp_path / "c.nii.gz"))
+    back = to_original_grid(sample.mask, sample.working, sample.original)
+    assert back.GetSize() == sample.original.size
+    assert back.GetDirection() == pytest.approx(sample.original.direction)
+    assert sitk.GetArrayFromImage(back).sum() == mask.sum()
+
+
+def test_mask_on_another_grid_is_refused(tmp_path):
+    image, _ = known_volume()
+    io.write_image(image, tmp_path / "c.nii.gz")
+    shifted = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    shifted.CopyInformation(image)
+    shifted.SetOrigin((0.0, 0.0, 0.0))
+    io.write_image(shifted, tmp_path / "m.nii.gz")
+    with pytest.raises(DataError, match=r"m.nii.gz: mask not on the image grid: origin"):
+        load_case(Case("A", "c", 0, tmp_path / "c.nii.gz", tmp_path / "m.nii.gz"))
+
+
+def test_window_channels_map_each_window_to_unit_range():
+    hu = np.array([-1000.0, 0.0, 40.0, 60.0, 80.0, 2000.0], dtype=np.float32)
+    channels = window_channels(hu, windows=((40.0, 80.0), (60.0, 40.0)))
+    np.testing.assert_allclose(channels[0], [0, 0, 0.5, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(channels[1], [0, 0, 0, 0.5, 1.0, 1.0])
+
+
+def test_resample_mask_stays_binary():
+    mask = sitk.GetImageFromArray(np.pad(np.ones((3, 5, 5), np.uint8), 2))
+    out = resample(mask, (0.37, 0.37, 0.9), is_mask=True)
+    assert set(np.unique(sitk.GetArrayFromImage(out))) <= {0, 1}
