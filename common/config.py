@@ -32,3 +32,14 @@ def load_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {err}") from err
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err}") from err
+
+
+def load_profile(name_or_path: str = "cpu") -> dict:
+    """A run profile (configs/profiles/<name>.toml): preprocessing and model sizes per stage."""
+    path = resolve_config(name_or_path, "profiles")
+    profile = load_toml(path)
+    profile.setdefault("name", path.stem)
+    spacing = profile.get("preprocess", {}).get("spacing")
+    if spacing is None or len(spacing) != 3 or min(spacing) <= 0:
+        raise ConfigError(f"{path}: preprocess.spacing must be three positive numbers (x, y, z) mm, got {spacing}")
+    return profile

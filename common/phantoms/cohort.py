@@ -111,11 +111,12 @@ def render_case(job: CaseJob) -> dict:
     extent = [s * n for s, n in zip(fine_spacing, x.shape)]
     anatomy = render_anatomy(subject, x, y, z, rng, extent)
     fine_voxel_ml = float(np.prod(fine_spacing)) / 1000.0
-    mask_fine, placement = render_hematoma(job.phenotype, anatomy, x, y, z, fine_voxel_ml, fine_spacing, rng)
+    level_fine, placement = render_hematoma(job.phenotype, anatomy, x, y, z, fine_voxel_ml, fine_spacing, rng)
     hu = scanner.acquire(anatomy.hu, rng)
     nz = hu.shape[0]
-    # A voxel is hematoma when at least half of its slice thickness is (the reader's call on a thick slice).
-    mask = mask_fine.reshape(nz, SUB_SLICES, *mask_fine.shape[1:]).mean(axis=1) >= 0.5
+    # Averaging the level field over the slice thickness estimates it at the slice centre, so the
+    # mask neither grows nor shrinks with slice thickness.
+    mask = level_fine.reshape(nz, SUB_SLICES, *level_fine.shape[1:]).mean(axis=1) < 0
     scanner.store(hu, mask, origin, job.image_dir, job.mask_dir, job.case_id)
     voxel_ml = scanner.inplane_mm**2 * scanner.slice_mm / 1000.0
     measured_hu = hu[mask] if mask.any() else np.array([np.nan])  # as a reader would measure it
@@ -170,8 +171,10 @@ def generate_cohort(cohort: str, out: Path, seed: int = 0, workers: int | None =
             jobs.append(CaseJob(center.id, case_id, p, center.scanner, (seed, ci, 2, k),
                                 staging / center.id / "images", staging / center.id / "masks"))
             rows[case_id] = {"case_id": case_id, "he": int(he), "onset_to_ct_h": round(p.onset_to_ct_h, 2)}
+            phenotype = {("target_volume_ml" if k2 == "volume_ml" else k2): (round(v, 4) if isinstance(v, float) else v)
+                         for k2, v in p.as_dict().items()}  # volume_ml is reserved for the rendered mask's volume
             truth[case_id] = {"center": center.id, "case_id": case_id, "risk": round(float(risk), 5), "he": int(he),
-                              **{k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in p.as_dict().items()}}
+                              **phenotype}
             truth[case_id]["followup_rng"] = follow_rng.integers(2**31)
     workers = workers or min(2, os.cpu_count() or 1)
     with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:

@@ -17,6 +17,7 @@ from common.phantoms.fields import ellipsoid_sdf, random_rotation, smooth_noise
 from common.phantoms.risk import Phenotype
 
 EDEMA_HU = 24.0
+OUTSIDE = 100.0  # level-field value (mm) far from any hematoma
 
 
 def candidate_region(p: Phenotype, anatomy: Anatomy, x, y, z) -> np.ndarray:
@@ -40,7 +41,9 @@ def candidate_region(p: Phenotype, anatomy: Anatomy, x, y, z) -> np.ndarray:
 
 def render_hematoma(p: Phenotype, anatomy: Anatomy, x, y, z, voxel_ml: float, spacing_zyx,
                     rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """Add the hematoma to anatomy.hu in place; return its mask and measured descriptors."""
+    """Add the hematoma to anatomy.hu in place. Return its level field (approximate signed
+    distance in mm, negative inside; +OUTSIDE where blood cannot be) and measured descriptors.
+    A level field rather than a mask lets thick slices average it and threshold once."""
     region = np.flatnonzero(candidate_region(p, anatomy, x, y, z))
     centre_idx = region[rng.integers(len(region))]
     centre = np.array([x.flat[centre_idx], y.flat[centre_idx], z.flat[centre_idx]])
@@ -65,21 +68,24 @@ def render_hematoma(p: Phenotype, anatomy: Anatomy, x, y, z, voxel_ml: float, sp
     for _ in range(3):
         axes = radius * scale * ratios
         rho = np.sqrt(sum((local[i] / axes[i]) ** 2 for i in range(3)))
-        core = (rho < 1.0 + amplitude * lobes) & allowed
+        core_level = (rho - 1.0 - amplitude * lobes) * float(np.mean(axes))
+        core = (core_level < 0) & allowed
         achieved = core.sum() * voxel_ml
         if achieved <= 0:
             scale *= 1.5
             continue
         scale *= float(np.clip((p.volume_ml / achieved) ** (1 / 3), 0.7, 1.4))
 
-    mask = core.copy()
+    level = core_level
     for _ in range(p.islands):
         direction = rng.standard_normal(3)
         direction /= np.linalg.norm(direction)
         offset = rotation @ (direction * axes * rng.uniform(1.1, 1.45))
         r_island = rng.uniform(1.6, 3.2)
-        island = (bx - offset[0]) ** 2 + (by - offset[1]) ** 2 + (bz - offset[2]) ** 2 < r_island**2
-        mask |= island & allowed
+        island = np.sqrt((bx - offset[0]) ** 2 + (by - offset[1]) ** 2 + (bz - offset[2]) ** 2) - r_island
+        level = np.minimum(level, island)
+    level = np.where(allowed, level, OUTSIDE).astype(np.float32)
+    mask = level < 0
 
     # Density: clot HU plus heterogeneity, then the hypodense markers.
     texture = smooth_noise(rng, bx.shape, extent, 3.0)
@@ -113,6 +119,6 @@ def render_hematoma(p: Phenotype, anatomy: Anatomy, x, y, z, voxel_ml: float, sp
         anatomy.hu[ventricle] = rng.uniform(55, 70)
         ivh_ml = float(ventricle.sum() * voxel_ml)
 
-    full = np.zeros(anatomy.hu.shape, dtype=bool)
-    full[box] = mask
+    full = np.full(anatomy.hu.shape, OUTSIDE, dtype=np.float32)
+    full[box] = level
     return full, {"centre_mm": centre.round(1).tolist(), "ivh_ml": round(ivh_ml, 2)}

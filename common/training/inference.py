@@ -1,0 +1,66 @@
+"""Whole-volume prediction by Gaussian-weighted sliding windows (MONAI).
+
+Windows are the model's patch size rounded up to the network's required multiple (the
+product of its strides per axis), so any volume size works: MONAI pads volumes smaller than
+a window with 0, which is air in every HU window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from common.errors import DataError
+from common.networks import main_output
+
+
+def required_multiple(model: nn.Module) -> tuple[int, int, int]:
+    return tuple(getattr(model, "required_multiple", (1, 1, 1)))  # type: ignore[return-value]
+
+
+def fit_roi(roi_size, model: nn.Module) -> tuple[int, int, int]:
+    """`roi_size` (z, y, x) rounded up to the model's required multiple per axis."""
+    return tuple(int(math.ceil(r / m) * m) for r, m in zip(roi_size, required_multiple(model)))  # type: ignore
+
+
+def check_volume(image, in_channels: int, name: str = "image") -> None:
+    """Raise DataError naming `name` unless `image` is a finite, non-empty (C, z, y, x) volume."""
+    shape = tuple(image.shape)
+    if len(shape) != 4:
+        raise DataError(name, f"expected a (channels, z, y, x) volume, got an array of shape {shape}")
+    if shape[0] != in_channels:
+        raise DataError(name, f"expected {in_channels} channels (one per HU window), got shape {shape}")
+    if min(shape[1:]) == 0:
+        raise DataError(name, f"empty volume (shape {shape})")
+    values = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+    if not torch.isfinite(values).all():
+        raise DataError(name, "volume holds NaN or infinite values")
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, image, roi_size, *, overlap: float = 0.25, sw_batch_size: int = 4,
+                          device="cpu", name: str = "image") -> np.ndarray:
+    """Foreground (hematoma) probability (z, y, x) float32 for one (C, z, y, x) volume."""
+    in_channels = getattr(model, "in_channels", image.shape[0] if getattr(image, "ndim", 0) == 4 else 0)
+    check_volume(image, in_channels, name)
+    was_training = model.training
+    model.eval()
+    try:
+        volume = torch.as_tensor(np.asarray(image, dtype=np.float32))[None].to(device)
+        logits = sliding_window_inference(
+            volume, fit_roi(roi_size, model), sw_batch_size, lambda x: main_output(model(x)),
+            overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0,
+        )
+        probs = torch.softmax(torch.as_tensor(logits).float(), dim=1)[0, 1]
+        return probs.cpu().numpy().astype(np.float32)
+    finally:
+        model.train(was_training)
+
+
+def predict_mask(model: nn.Module, image, roi_size, **kwargs) -> np.ndarray:
+    """Hematoma mask (z, y, x) uint8: voxels where the hematoma class wins."""
+    return (predict_probabilities(model, image, roi_size, **kwargs) > 0.5).astype(np.uint8)
