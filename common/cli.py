@@ -17,7 +17,7 @@ def cmd_phantoms(args) -> int:
     from common.phantoms.cohort import load_cohort_spec
     from common.phantoms.report import print_cohort_summary
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # the summary table needs ~100 columns, even in logs
     out = Path(args.out)
     spec, _ = load_cohort_spec(args.cohort)
     record_path = out / "cohort.json"

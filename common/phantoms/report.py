@@ -12,7 +12,7 @@ def print_cohort_summary(record: dict, console: Console | None = None) -> None:
     roles = {c: "train" for c in summary.get("train_centers", [])} | {c: "external" for c in summary.get("test_centers", [])}
     table = Table(title=f"cohort {record['cohort']} (seed {record['seed']})")
     for column in ("centre", "role", "n", "HE", "prev %", "oracle AUC", "median mL", "lesion HU", "storage", "slice mm",
-                   "in-plane mm"):
+                   "pixel mm"):
         table.add_column(column, justify="left" if column in ("centre", "role", "storage") else "right")
     for center, s in summary["centers"].items():
         auc = f"{s['oracle_auc']:.3f}" if s["oracle_auc"] is not None else "-"
