@@ -1,0 +1,1 @@
+"""hemex ClientApp: the hospital site side of the federation."""

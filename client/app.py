@@ -1,0 +1,106 @@
+"""hemex ClientApp: a hospital site's side of the federation.
+
+Handlers (message type -> what the site does on its own data):
+  query.info     centre id and case counts
+  train.seg      local segmentation training from the global weights
+  evaluate.seg   segmentation metrics of given weights on local cases (aggregates only)
+
+Every reply passes `check_reply`: model weights and aggregate scalars, nothing per patient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Site, site_from_context
+from common.federation.records import check_reply, from_record, load_global, norm_keys, to_record
+from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
+from common.training.checkpoint import architecture, build_model
+from common.training.evaluation import evaluate_segmentation
+from common.training.segmentation import seed_everything, train_segmentation
+
+app = ClientApp()
+
+
+def reply(message: Message, content: RecordDict, model_keys: set[str] | None = None) -> Message:
+    return Message(check_reply(content, model_keys), reply_to=message)
+
+
+def seg_model(site: Site):
+    arch = architecture(site.seg.model, len(site.cache.windows) * IN_CHANNELS_PER_WINDOW, OUT_CHANNELS,
+                        site.seg.model_overrides)
+    return build_model(arch)
+
+
+def receive_global(model, message: Message, context: Context, stage: str, fedbn: bool) -> set[str]:
+    """Load the global weights; under FedBN keep this site's own normalisation layers, which
+    persist across rounds in the node's context state."""
+    local_keys = norm_keys(model) if fedbn else set()
+    key = f"{stage}-local-norm"
+    if fedbn and key in context.state:
+        model.load_state_dict(from_record(context.state[key]), strict=False)
+    load_global(model, from_record(message.content["arrays"]), keep_local=local_keys if key in context.state else set())
+    return local_keys
+
+
+@app.query("info")
+def info(message: Message, context: Context) -> Message:
+    site = site_from_context(context.node_config, context.run_config)
+    return reply(message, RecordDict({"info": ConfigRecord({"center": site.center}),
+                                      "metrics": MetricRecord(site.info())}))
+
+
+@app.train("seg")
+def train_seg(message: Message, context: Context) -> Message:
+    site = site_from_context(context.node_config, context.run_config)
+    config = message.content["config"]
+    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))  # global round after a resume
+    seed = site.round_seed("seg", server_round)
+    seed_everything(seed)
+    model = seg_model(site)
+    local_keys = receive_global(model, message, context, "seg", site.settings.fedbn)
+    settings, seg = site.settings, site.seg
+    epochs = settings.seg_epochs
+    result = train_segmentation(
+        model, site.cache.load(site.fit_cases), epochs=epochs, steps_per_epoch=seg.steps_per_epoch,
+        patch_size=seg.patch_size, batch_size=seg.batch_size, lr=seg.lr, seed=seed,
+        proximal_mu=settings.proximal_mu, optimizer=seg.optimizer, weight_decay=seg.weight_decay,
+        momentum=seg.momentum, schedule=seg.schedule,
+        # Continue one learning-rate schedule across rounds rather than restarting it each round.
+        schedule_offset=(server_round - 1) * epochs * seg.steps_per_epoch,
+        schedule_total=settings.seg_rounds * epochs * seg.steps_per_epoch,
+        grad_clip=seg.grad_clip, foreground_fraction=seg.foreground_fraction, augment=seg.augment,
+        restore_best=False,
+    )
+    state = model.state_dict()
+    if local_keys:
+        context.state["seg-local-norm"] = to_record({k: state[k] for k in local_keys})
+    metrics = {"num-examples": len(site.fit_cases), "train-loss": result.metrics["train_loss"],
+               "seconds": result.metrics.get("seconds", 0.0)}
+    return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
+                 model_keys=set(state))
+
+
+@app.evaluate("seg")
+def evaluate_seg(message: Message, context: Context) -> Message:
+    site = site_from_context(context.node_config, context.run_config)
+    split = str(message.content["config"].get("split", "validation"))
+    cases = site.val_cases if split == "validation" else site.fit_cases + site.val_cases
+    model = seg_model(site)
+    receive_global(model, message, context, "seg", site.settings.fedbn)
+    metrics = {"num-examples": len(cases)}
+    if cases:
+        evaluation = evaluate_segmentation(model, site.cache.load(cases), site.seg.inference_roi,
+                                           overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size)
+        overall = evaluation["overall"]
+        metrics.update({"dice": overall["dice"]["mean"], "iou": overall["iou"]["mean"],
+                        "hd95-mm": _finite(overall["hd95_mm"]["median"]),
+                        "abs-vol-err-ml": overall["abs_vol_err_ml"]["median"]})
+    return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+
+
+def _finite(value) -> float:
+    return float(value) if value is not None and np.isfinite(value) else -1.0
+

@@ -1,0 +1,69 @@
+"""A hospital site as its ClientApp sees it: centre id, local data, preprocessed samples.
+
+In deployment the SuperNode's node-config names the site (`center`, `data-path`); in simulation
+each virtual node only knows its `partition-id`, mapped to a centre through the run config.
+Samples are cached per process, so later rounds do not re-read scans.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+from common.config import load_profile
+from common.data.contract import Case, read_center
+from common.data.dataset import SampleCache, split_by_center, with_masks
+from common.errors import ConfigError
+from common.federation.settings import FederationSettings
+from common.training.settings import SegmentationSettings
+
+
+class Site:
+    def __init__(self, center: str, data_path: Path, settings: FederationSettings):
+        self.center = center
+        self.data_path = Path(data_path)
+        self.settings = settings
+        self.profile = load_profile(settings.profile)
+        overrides = {"model": settings.seg_model} if settings.seg_model else {}
+        self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
+        preprocess = self.profile["preprocess"]
+        self.cache = SampleCache(preprocess["spacing"], preprocess["windows"])
+        self.cases: list[Case] = read_center(self.data_path)
+        labelled, self.skipped = with_masks(self.cases, "segmentation")
+        # A fixed split per site: the validation cases pick nothing globally, they only report.
+        self.fit_cases, self.val_cases = split_by_center(labelled, self.seg.val_fraction, settings.seed)
+        if self.seg.max_val_cases:
+            self.fit_cases += self.val_cases[self.seg.max_val_cases:]
+            self.val_cases = self.val_cases[: self.seg.max_val_cases]
+
+    def round_seed(self, stage: str, server_round: int) -> int:
+        """Distinct, reproducible seed per (run seed, stage, round, centre): a resumed run replays
+        exactly the rounds an uninterrupted one would have run."""
+        return (self.settings.seed * 1_000_003 + zlib.crc32(f"{stage}/{server_round}/{self.center}".encode())) % 2**31
+
+    def info(self) -> dict:
+        he = [c.he for c in self.cases]
+        return {"num-cases": len(self.cases), "num-he": sum(1 for h in he if h == 1),
+                "num-nhe": sum(1 for h in he if h == 0), "num-masks": sum(1 for c in self.cases if c.mask_path)}
+
+
+def site_from_context(node_config: dict, run_config: dict) -> Site:
+    settings = FederationSettings.from_run_config(run_config)
+    if "center" in node_config:  # deployment: the site names itself
+        center = str(node_config["center"])
+        data_path = Path(str(node_config.get("data-path", "")))
+        if not data_path.is_dir():
+            raise ConfigError(f"node-config data-path {str(data_path)!r} of centre {center} is not a folder")
+    else:  # simulation: partition-id indexes the run config's centre list
+        partition = int(node_config["partition-id"])
+        if not settings.centers or partition >= len(settings.centers):
+            raise ConfigError(f"partition-id {partition} has no centre: run-config centers = {settings.centers}")
+        center = settings.centers[partition]
+        data_path = Path(settings.data_root) / center
+    return cached_site(center, str(data_path), tuple(sorted(settings.to_run_config().items())))
+
+
+@lru_cache(maxsize=8)
+def cached_site(center: str, data_path: str, run_config_items: tuple) -> Site:
+    return Site(center, Path(data_path), FederationSettings.from_run_config(dict(run_config_items)))

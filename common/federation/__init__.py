@@ -1,0 +1,1 @@
+"""What the Flower apps on both sides share: run settings, weight records, the reply whitelist."""

@@ -1,0 +1,93 @@
+"""Federation run settings: the kebab-case keys of `[tool.flwr.app.config]`, parsed and checked once.
+
+The same keys come from pyproject.toml defaults, `flwr run --run-config` overrides, or the
+`hemex federate` command; every value is validated before any message is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from common.errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+RATIOS = ("none", "1:1", "1:2")
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    data_root: str = ""  # simulation: DATA_ROOT of every centre; deployment: unused (node-config data-path)
+    centers: tuple[str, ...] = ()  # simulation: partition-id -> centre; deployment: expected centres
+    test_centers: tuple[str, ...] = ()  # held out: evaluation messages only, never training
+    profile: str = "cpu"
+    seed: int = 0
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    fedbn: bool = False
+    seg_model: str = ""  # empty: the profile's segmentation model
+    seg_rounds: int = 3
+    seg_epochs: int = 1  # local epochs per round
+    cls_rounds: int = 3
+    cls_epochs: int = 1
+    synthesis: str = "1:2"
+    round_timeout_s: float = 3600.0
+    node_wait_s: float = 120.0
+    out_dir: str = "runs/federation"
+    resume: bool = True
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} unknown; use one of {', '.join(STRATEGIES)}")
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ConfigError("strategy 'fedprox' needs proximal-mu > 0")
+        if self.synthesis not in RATIOS:
+            raise ConfigError(f"synthesis {self.synthesis!r} unknown; use one of {', '.join(RATIOS)}")
+        for name in ("seg_rounds", "cls_rounds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 0")
+        for name in ("seg_epochs", "cls_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+        if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
+            raise ConfigError("round-timeout-s and node-wait-s must be > 0")
+        unknown = set(self.test_centers) - set(self.centers) if self.centers else set()
+        if unknown:
+            raise ConfigError(f"test-centers {', '.join(sorted(unknown))} not among centers {', '.join(self.centers)}")
+        if self.centers and not self.train_centers:
+            raise ConfigError("every centre is held out: at least one centre must train")
+
+    @property
+    def train_centers(self) -> tuple[str, ...]:
+        return tuple(c for c in self.centers if c not in self.test_centers)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "FederationSettings":
+        known = {f.replace("_", "-") for f in cls.__dataclass_fields__}
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {}
+        for key, value in run_config.items():
+            field = key.replace("-", "_")
+            default = cls.__dataclass_fields__[field].default
+            try:
+                if isinstance(default, tuple):
+                    values[field] = split_list(value)
+                elif isinstance(default, bool):
+                    values[field] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                else:
+                    values[field] = type(default)(value)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"run-config {key} = {value!r}: {err}") from err
+        return cls(**values)
+
+    def to_run_config(self) -> dict:
+        """Flat kebab-case dict (lists joined by commas), as Flower's run config holds it."""
+        out = {}
+        for field, value in asdict(self).items():
+            out[field.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
+        return out

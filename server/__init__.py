@@ -1,0 +1,1 @@
+"""hemex ServerApp: the coordinator side of the federation."""

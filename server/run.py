@@ -1,0 +1,194 @@
+"""The coordinator's run: discover the sites, train each model in rounds on the training
+centres, then evaluate the final weights on every centre (held-out ones included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common import __version__
+from common.config import load_profile
+from common.errors import ConfigError
+from common.federation.records import to_record
+from common.federation.settings import FederationSettings
+from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
+from common.training.checkpoint import architecture, build_model, save_checkpoint
+from common.training.segmentation import seed_everything
+from common.training.settings import SegmentationSettings
+from server.checkpoint import ServerCheckpoints
+from server.grid import StageGrid
+from server.strategies import build_strategy
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, settings: FederationSettings, log=None):
+        self.grid = grid
+        self.settings = settings
+        self.log = log or (lambda text: print(f"hemex: {text}", flush=True))
+        self.out = Path(settings.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = ServerCheckpoints(self.out / "checkpoints")
+        self.profile = load_profile(settings.profile)
+        overrides = {"model": settings.seg_model} if settings.seg_model else {}
+        self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
+        self.centers: dict[str, int] = {}
+        self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
+
+    # --------------------------------------------------------------------------------------
+    def discover(self) -> dict[str, int]:
+        """Map centre ids to node ids, waiting at most node-wait-s for every expected centre."""
+        expected = set(self.settings.centers)
+        deadline = time.monotonic() + self.settings.node_wait_s
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= len(expected) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info")
+                    for n in nodes]
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.node_wait_s) if messages else []
+        centers, counts = {}, {}
+        for reply in replies:
+            if reply.has_error():
+                self.log(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
+                continue
+            center = str(reply.content["info"]["center"])
+            if center in centers:
+                raise ConfigError(f"two nodes claim centre {center!r} (nodes {centers[center]} and "
+                                  f"{reply.metadata.src_node_id})")
+            centers[center] = reply.metadata.src_node_id
+            counts[center] = dict(reply.content["metrics"])
+        missing = expected - set(centers)
+        if missing:
+            raise ConfigError(f"after waiting {self.settings.node_wait_s:.0f} s, no node for centre(s) "
+                              f"{', '.join(sorted(missing))} (connected: {', '.join(sorted(centers)) or 'none'})")
+        self.centers = {c: centers[c] for c in self.settings.centers}
+        self.report["centers"] = {c: {**counts[c], "role": "test" if c in self.settings.test_centers else "train"}
+                                  for c in self.settings.centers}
+        return self.centers
+
+    # --------------------------------------------------------------------------------------
+    def seg_architecture(self) -> dict:
+        windows = self.profile["preprocess"]["windows"]
+        return architecture(self.seg.model, len(windows) * IN_CHANNELS_PER_WINDOW, OUT_CHANNELS,
+                            self.seg.model_overrides)
+
+    def train_stage(self, stage: str, initial: ArrayRecord, num_rounds: int) -> ArrayRecord:
+        """Run `num_rounds` rounds of `stage` on the training centres, checkpointing each round;
+        resume from the last checkpoint when one exists."""
+        start_round, history = 0, []
+        latest = self.checkpoints.latest(stage) if self.settings.resume else None
+        if latest is not None:
+            start_round, initial, record = latest
+            history = record.get("history", [])
+            self.log(f"{stage}: resuming after round {start_round} of {num_rounds}")
+        if start_round >= num_rounds:
+            self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round}
+            return initial
+        train_nodes = {self.centers[c]: c for c in self.settings.train_centers}
+        stage_grid = StageGrid(self.grid, train_nodes, stage)
+        strategy = build_strategy(self.settings, len(train_nodes))
+
+        def after_round(server_round: int, arrays: ArrayRecord):
+            if server_round == 0:
+                return None
+            global_round = start_round + server_round
+            entry = {"round": global_round}
+            for kind in ("train", "evaluate"):
+                calls = stage_grid.rounds.get(f"{kind}.{stage}", [])
+                if len(calls) >= server_round:
+                    entry[kind] = calls[server_round - 1]
+            history.append(entry)
+            self.checkpoints.save(stage, global_round, arrays, {"history": history})
+            self.log(f"{stage}: round {global_round}/{num_rounds} done: {summarize_round(entry)}")
+            return None
+
+        config = ConfigRecord({"round-offset": start_round})
+        result = strategy.start(grid=stage_grid, initial_arrays=initial, num_rounds=num_rounds - start_round,
+                                timeout=self.settings.round_timeout_s, train_config=config,
+                                evaluate_config=ConfigRecord({"split": "validation", "round-offset": start_round}),
+                                evaluate_fn=after_round)
+        self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round,
+                                        "aggregated_train": {str(k): dict(v) for k, v in result.train_metrics_clientapp.items()},
+                                        "aggregated_validation": {str(k): dict(v) for k, v in
+                                                                  result.evaluate_metrics_clientapp.items()}}
+        return result.arrays if result.arrays is not None else initial
+
+    def evaluate_everywhere(self, stage: str, arrays: ArrayRecord) -> dict[str, dict]:
+        """Final weights evaluated at every centre: all local cases of held-out centres, the
+        validation split of training centres. Only aggregate metrics come back."""
+        messages = []
+        for center, node in self.centers.items():
+            split = "all" if center in self.settings.test_centers else "validation"
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": split})})
+            messages.append(Message(content, dst_node_id=node, message_type=f"evaluate.{stage}"))
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)
+        by_node = {v: k for k, v in self.centers.items()}
+        results = {}
+        for reply in replies:
+            center = by_node.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                results[center] = {"error": reply.error.reason}
+            else:
+                results[center] = dict(next(iter(reply.content.metric_records.values())))
+        for center in self.centers:
+            results.setdefault(center, {"error": "no reply before the timeout"})
+        return results
+
+    # --------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        started = time.time()
+        self.discover()
+        self.log(f"centres: train {', '.join(self.settings.train_centers)}; "
+                 f"held out {', '.join(self.settings.test_centers) or 'none'}")
+        seed_everything(self.settings.seed)
+        arch = self.seg_architecture()
+        model = build_model(arch)
+        seg_started = time.time()
+        seg_arrays = self.train_stage("seg", to_record(model.state_dict()), self.settings.seg_rounds)
+        self.report["timing"]["seg_seconds"] = time.time() - seg_started
+        self.report["stages"].setdefault("seg", {})["final"] = self.evaluate_everywhere("seg", seg_arrays)
+        save_checkpoint(self.out / "model" / "segmentation", seg_arrays.to_torch_state_dict(), arch,
+                        {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
+                         "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy})
+        self.report["model_bytes"] = {"seg": seg_arrays.count_bytes()}
+        self.report["timing"]["total_seconds"] = time.time() - started
+        self.report["versions"] = {"hemex": __version__, **package_versions()}
+        write_json(self.out / "federation.json", self.report)
+        write_json(self.out / "config.json", {"run_config": self.settings.to_run_config(),
+                                              "profile": self.profile, "segmentation": self.seg.as_dict(),
+                                              "architecture": arch})
+        return self.report
+
+
+def summarize_round(entry: dict) -> str:
+    parts = []
+    for kind, key in (("train", "train-loss"), ("evaluate", "dice")):
+        metrics = entry.get(kind, {}).get("metrics", {})
+        values = [m[key] for m in metrics.values() if key in m]
+        if values:
+            parts.append(f"{kind} {key} " + ", ".join(f"{c}={m[key]:.3f}" for c, m in metrics.items() if key in m))
+        errors = entry.get(kind, {}).get("errors", {})
+        if errors:
+            parts.append(f"{kind} errors at {', '.join(errors)}")
+    return "; ".join(parts) or "no metrics"
+
+
+def write_json(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

@@ -1,0 +1,1 @@
+"""Local federations on one machine through Flower's simulation engine."""

@@ -1,0 +1,161 @@
+"""Run a whole federation on this machine through Flower's simulation engine.
+
+One virtual SuperNode per centre (partition-id i -> centres[i]), a private SuperLink on free
+loopback ports with its state in the run folder (FLWR_HOME), no runtime dependency
+installation, and the SuperLink stopped afterwards even on failure, so nothing is left running
+and no other Flower deployment on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from common.errors import HemexError
+from common.federation.settings import FederationSettings
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: this repository (pyproject.toml)
+BIN_DIR = Path(sys.executable).parent  # Flower's executables live beside this interpreter
+CONNECTION = "hemex-local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_flower_config(flwr_home: Path, port: int) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+
+
+def flower_env(flwr_home: Path) -> dict:
+    env = os.environ.copy()
+    # The SuperLink starts the simulation runtime by name: it must find this environment's.
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def start_superlink(flwr_home: Path, http_port: int, log_file: Path):
+    # Flower 1.42 serves the Control, Fleet and runtime APIs on this one HTTP port.
+    command = [str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation",
+               "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(http_port),
+               "--database", str(flwr_home / "state.db"), "--log-file", str(log_file)]
+    process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise HemexError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1.0).is_success:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop(process)
+    raise HemexError(f"flower-superlink did not become ready within 60 s; see {log_file}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and everything it started (simulation runtime, Ray workers)."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def runtime_pids(port: int) -> list[int]:
+    """Processes of the simulation runtime bound to our SuperLink (found by its address)."""
+    needle = f"127.0.0.1:{port}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def reap_runtime(port: int, grace_s: float = 30.0) -> None:
+    """The simulation runtime exits on its own once the SuperLink is gone; make sure of it."""
+    deadline = time.monotonic() + grace_s
+    while (pids := runtime_pids(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in runtime_pids(port):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeout_s: float = 3600,
+                         log=print) -> dict:
+    """Run the hemex ServerApp/ClientApp over one virtual node per centre; return the report."""
+    out = Path(settings.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    flwr_home = out / "flwr-home"
+    port = free_port()
+    write_flower_config(flwr_home, port)
+    run_config = {**settings.to_run_config(), "out-dir": str(out),
+                  "data-root": str(Path(settings.data_root).resolve())}
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    # One virtual node per centre with one CPU each; Ray runs as many at once as it has CPUs.
+    federation = (f"num-supernodes={len(settings.centers)} client-resources-num-cpus=1 "
+                  f"init-args-num-cpus={num_cpus}")
+    superlink = start_superlink(flwr_home, port, out / "superlink.log")
+    try:
+        log_path = out / "flower.log"
+        with open(log_path, "w") as flower_log:
+            command = [str(BIN_DIR / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
+                       "--run-config", overrides, "--federation-config", federation]
+            process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, cwd=out, start_new_session=True)
+            deadline = time.monotonic() + timeout_s
+            for line in process.stdout:
+                flower_log.write(line)
+                if "hemex" in line or "ERROR" in line:
+                    log(line.rstrip())
+                if time.monotonic() > deadline:
+                    stop(process)
+                    raise HemexError(f"federation exceeded {timeout_s:.0f} s; see {log_path}")
+            process.wait()
+        report_path = out / "federation.json"
+        if process.returncode != 0 or not report_path.is_file():
+            raise HemexError(f"federation failed (flwr exit {process.returncode}); see {log_path}")
+        return json.loads(report_path.read_text())
+    finally:
+        stop(superlink)
+        reap_runtime(port)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
