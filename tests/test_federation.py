@@ -1,0 +1,246 @@
+"""Federation: settings, the reply whitelist, leave-center-out routing, client handlers on real
+data, and whole simulated federations (slow: real Flower SuperLink + simulation engine)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from common.errors import ConfigError
+from common.federation.records import PrivacyViolation, check_reply, norm_keys
+from common.federation.settings import FederationSettings
+from common.phantoms.cohort import generate_cohort
+from server.grid import StageGrid
+
+CENTERS = ("center1", "center2", "center3", "center4", "center5")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fed") / "tiny"
+    generate_cohort("tiny", root, seed=0)
+    return root
+
+
+def settings_for(data: Path, out: Path, **overrides) -> FederationSettings:
+    values = dict(data_root=str(data), centers=CENTERS, test_centers=("center4", "center5"), profile="smoke",
+                  seg_rounds=2, out_dir=str(out), node_wait_s=60, round_timeout_s=600)
+    values.update(overrides)
+    return FederationSettings(**values)
+
+
+# ------------------------------------------------------------------------------------------
+# Settings and whitelist
+
+
+def test_settings_round_trip_through_flower_run_config():
+    settings = FederationSettings(centers=CENTERS, test_centers=("center5",), strategy="fedprox", proximal_mu=0.01)
+    again = FederationSettings.from_run_config(settings.to_run_config())
+    assert again == settings and again.train_centers == CENTERS[:4]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"strategy": "fedsgd"}, "strategy 'fedsgd' unknown"),
+    ({"strategy": "fedprox"}, "needs proximal-mu > 0"),
+    ({"centers": "a,b", "test-centers": "c"}, "test-centers c not among centers a, b"),
+    ({"centers": "a", "test-centers": "a"}, "at least one centre must train"),
+    ({"seg-round": 3}, "unknown run-config key(s) seg-round"),
+    ({"seed": "abc"}, "run-config seed = 'abc'"),
+])
+def test_bad_settings_are_one_line_errors(config, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        FederationSettings.from_run_config(config)
+
+
+def test_reply_whitelist_accepts_weights_and_scalars_only():
+    weights = {"w": torch.ones(3)}
+    ok = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 4, "dice": 0.9})})
+    assert check_reply(ok, model_keys={"w"}) is ok
+    with pytest.raises(PrivacyViolation, match="may not carry weights"):
+        check_reply(RecordDict({"image": ArrayRecord({"ct": torch.zeros(8, 64, 64)})}))
+    with pytest.raises(PrivacyViolation, match="not exactly the model's weights"):
+        check_reply(RecordDict({"arrays": ArrayRecord({"w": torch.ones(3), "mask": torch.zeros(4, 4)})}),
+                    model_keys={"w"})
+    with pytest.raises(PrivacyViolation, match="not a scalar"):
+        check_reply(RecordDict({"metrics": MetricRecord({"per-case-prob": [0.1, 0.9, 0.4]})}))
+    with pytest.raises(PrivacyViolation, match="values"):
+        check_reply(RecordDict({"metrics": MetricRecord({f"case-{i}": 0.5 for i in range(100)})}))
+
+
+def test_fedbn_keeps_exactly_the_normalisation_layers_local():
+    from common.networks import create_model
+
+    model = create_model("umamba-bot", in_channels=3, out_channels=2)
+    keys = norm_keys(model)
+    assert keys and all(("norm" in k) for k in keys)
+    assert not any(k.endswith("conv.weight") for k in keys)
+
+
+class RecordingGrid:
+    """A stand-in Grid that answers every message with an empty metric reply."""
+
+    def __init__(self):
+        self.sent = []
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4, 5]
+
+    def send_and_receive(self, messages, timeout=None):
+        self.sent.extend(messages)
+        return []
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages outside a Flower runtime need a task identity; restore it afterwards."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_stage_grid_never_sends_to_held_out_nodes():
+    inner = RecordingGrid()
+    grid = StageGrid(inner, {1: "center1", 2: "center2"}, "seg")
+    assert sorted(grid.get_node_ids()) == [1, 2]
+    content = RecordDict({"config": ConfigRecord({})})
+    grid.send_and_receive([Message(content, dst_node_id=1, message_type="train")])
+    assert [m.metadata.message_type for m in inner.sent] == ["train.seg"]
+    with pytest.raises(RuntimeError, match="refusing to send train to node 4"):
+        grid.send_and_receive([Message(content, dst_node_id=4, message_type="train")])
+
+
+# ------------------------------------------------------------------------------------------
+# Client handlers on real site data: every reply holds weights and aggregates only
+
+
+def call_client(app, message_type: str, content: RecordDict, partition: int, settings: FederationSettings,
+                state: RecordDict | None = None) -> Message:
+    TaskIdentity.node_id = partition + 1
+    context = Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": 5},
+                      state=state if state is not None else RecordDict(), run_config=settings.to_run_config())
+    message = Message(content, dst_node_id=partition + 1, message_type=message_type)
+    return app(message, context)
+
+
+def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, monkeypatch):
+    import client.app as client_app
+    from client.site import Site
+
+    checked = []
+    real_check = client_app.check_reply
+    monkeypatch.setattr(client_app, "check_reply", lambda content, keys=None: checked.append(content)
+                        or real_check(content, keys))
+    settings = settings_for(tiny, tmp_path)
+    weights = ArrayRecord(client_app.seg_model(Site("center1", tiny / "center1", settings)).state_dict())
+    info = call_client(client_app.app, "query.info", RecordDict({"config": ConfigRecord({})}), 0, settings)
+    assert info.content["info"]["center"] == "center1"
+    assert dict(info.content["metrics"]) == {"num-cases": 10, "num-he": 2, "num-nhe": 8, "num-masks": 10}
+    train = call_client(client_app.app, "train.seg",
+                        RecordDict({"arrays": weights, "config": ConfigRecord({"server-round": 1})}), 0, settings)
+    returned = train.content["arrays"].to_torch_state_dict()
+    assert set(returned) == set(weights.keys())
+    assert any(not torch.equal(returned[k], v) for k, v in weights.to_torch_state_dict().items())  # it trained
+    assert dict(train.content["metrics"])["num-examples"] == 9
+    evaluation = call_client(client_app.app, "evaluate.seg",
+                             RecordDict({"arrays": weights, "config": ConfigRecord({"split": "all"})}), 3, settings)
+    metrics = dict(evaluation.content["metrics"])
+    assert metrics["num-examples"] == 10 and 0.0 <= metrics["dice"] <= 1.0
+    assert len(checked) == 3
+    for reply in (info, train, evaluation):
+        for record in reply.content.values():
+            if isinstance(record, MetricRecord):
+                assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 8
+
+
+# ------------------------------------------------------------------------------------------
+# Whole simulated federations (real SuperLink, simulation engine, Ray)
+
+
+def flower_processes() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flower-superlink" in cmd or b"flwr-simulation" in cmd or b"ClientAppActor" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def federation(tiny, tmp_path_factory):
+    from simulation.run import run_local_federation
+
+    out = tmp_path_factory.mktemp("fed") / "run"
+    report = run_local_federation(settings_for(tiny, out))
+    return out, report
+
+
+@pytest.mark.slow
+def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
+    out, report = federation
+    rounds = report["stages"]["seg"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for entry in rounds:
+        assert set(entry["train"]["sent_bytes"]) == {"center1", "center2", "center3"}  # held-out never train
+        assert set(entry["evaluate"]["sent_bytes"]) == {"center1", "center2", "center3"}
+        assert entry["train"]["errors"] == {}
+        model_bytes = report["model_bytes"]["seg"]
+        assert all(b == model_bytes for b in entry["train"]["sent_bytes"].values())
+    final = report["stages"]["seg"]["final"]
+    assert set(final) == set(CENTERS)
+    assert final["center4"]["num-examples"] == 10 and final["center5"]["num-examples"] == 10
+    assert (out / "model" / "segmentation" / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["run_config"]["seed"] == 0
+    assert flower_processes() == []
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_reaches_the_same_weights(federation, tiny, tmp_path):
+    from simulation.run import run_local_federation
+
+    out, _ = federation
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    # The run "stopped" after round 1: keep only round 1's checkpoint.
+    shutil.copy(out / "checkpoints" / "seg-round001.safetensors", resumed / "checkpoints")
+    state = json.loads((out / "checkpoints" / "seg.json").read_text())
+    state.update(round=1, weights="seg-round001.safetensors", history=state["history"][:1])
+    (resumed / "checkpoints" / "seg.json").write_text(json.dumps(state))
+    report = run_local_federation(settings_for(tiny, resumed))
+    assert report["stages"]["seg"]["resumed_after"] == 1
+    expected = load_file(str(out / "checkpoints" / "seg-round002.safetensors"))
+    actual = load_file(str(resumed / "checkpoints" / "seg-round002.safetensors"))
+    assert set(expected) == set(actual)
+    for key in expected:
+        np.testing.assert_allclose(actual[key].numpy(), expected[key].numpy(), atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_failing_site_does_not_stop_the_federation(tiny, tmp_path):
+    from simulation.run import run_local_federation
+
+    broken = tmp_path / "data"
+    shutil.copytree(tiny, broken)
+    for image in (broken / "center2" / "images").iterdir():  # center2's scans become unreadable
+        if image.is_dir():
+            shutil.rmtree(image)
+            image.mkdir()
+        else:
+            image.write_bytes(b"corrupt")
+    report = run_local_federation(settings_for(broken, tmp_path / "run", seg_rounds=1))
+    entry = report["stages"]["seg"]["rounds"][0]
+    assert set(entry["train"]["errors"]) == {"center2"}
+    assert set(entry["train"]["reply_bytes"]) == {"center1", "center3"}
+    assert "dice" in report["stages"]["seg"]["final"]["center4"]
