@@ -26,7 +26,7 @@ BHSD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bhsd_hemorrhag
 MICRO = """
 name = "micro"
 median_volume_ml = 13.0
-log_volume_sd = 1.2
+log_volume_sd = 1.4
 train_centers = ["a"]
 test_centers = ["b"]
 [[centers]]
