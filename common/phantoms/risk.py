@@ -3,7 +3,7 @@
 Each case draws a latent phenotype (location, volume, NCCT markers, onset-to-CT time). The
 true probability of expansion is
 
-    logit p = b0(centre) + 0.45 ln(V / 12 mL) + 2.5 irregularity + 2.0 heterogeneity
+    logit p = b0(centre) + 0.3 ln(V / 12 mL) + 2.5 irregularity + 2.0 heterogeneity
               + 1.2 blend + 1.2 black_hole + 0.4 islands + 0.4 IVH - 0.4 ln(t / 3 h) + centre_effect
 
 Volume is weaker than the shape and density markers on purpose: published volume-only AUCs are
@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 
-COEF = {"log_volume": 0.45, "irregularity": 2.5, "heterogeneity": 2.0, "blend": 1.2, "black_hole": 1.2,
+COEF = {"log_volume": 0.3, "irregularity": 2.5, "heterogeneity": 2.0, "blend": 1.2, "black_hole": 1.2,
         "islands": 0.4, "ivh": 0.4, "log_time": -0.4}
 REFERENCE_VOLUME_ML = 12.0
 REFERENCE_TIME_H = 3.0
