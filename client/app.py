@@ -4,6 +4,9 @@ Handlers (message type -> what the site does on its own data):
   query.info     centre id and case counts
   train.seg      local segmentation training from the global weights
   evaluate.seg   segmentation metrics of given weights on local cases (aggregates only)
+  train.cls      local HE-classifier training on ROIs (+ the site's own synthetic HE ROIs)
+  evaluate.cls   classifier metrics on local cases; ROIs from reference masks or from the
+                 federated segmentation model; validation logits only as class histograms
 
 Every reply passes `check_reply`: model weights and aggregate scalars, nothing per patient.
 """
@@ -11,15 +14,22 @@ Every reply passes `check_reply`: model weights and aggregate scalars, nothing p
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import SimpleITK as sitk
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import Site, site_from_context
+from common.data.preprocess import resample_sample, to_original_grid
+from common.federation import binned
 from common.federation.records import check_reply, from_record, load_global, norm_keys, to_record
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model
 from common.training.evaluation import evaluate_segmentation
+from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
+from common.training.classification import create_model as create_classifier_model
+from common.training.inference import predict_mask
 from common.training.segmentation import seed_everything, train_segmentation
+from sklearn.metrics import roc_auc_score
 
 app = ClientApp()
 
@@ -104,3 +114,94 @@ def evaluate_seg(message: Message, context: Context) -> Message:
 def _finite(value) -> float:
     return float(value) if value is not None and np.isfinite(value) else -1.0
 
+
+
+# ------------------------------------------------------------------------------------------
+# HE classifier
+
+
+def cls_model(site: Site):
+    return create_classifier_model(site.cls, site.profile["preprocess"]["windows"])
+
+
+def synthetic_rois(site: Site):
+    """The site's accepted synthetic HE ROIs, if its synthesis stage produced any (site-local)."""
+    path = site.work_dir / "synthetic_he.npz"
+    if not path.is_file():
+        return None, None
+    with np.load(path) as data:
+        return data["images"], (data["masks"] if "masks" in data else None)
+
+
+@app.train("cls")
+def train_cls(message: Message, context: Context) -> Message:
+    site = site_from_context(context.node_config, context.run_config)
+    config = message.content["config"]
+    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+    seed = site.round_seed("cls", server_round)
+    model = cls_model(site)
+    local_keys = receive_global(model, message, context, "cls", site.settings.fedbn)
+    dataset, fit, _ = site.roi_dataset()
+    extra, extra_masks = synthetic_rois(site) if site.settings.synthesis != "none" else (None, None)
+    epochs = site.settings.cls_epochs
+    steps_per_epoch = max(1, sum(len(r.images) for r in fit) // site.cls.batch_size)
+    result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
+                              extra_he_masks=extra_masks, proximal_mu=site.settings.proximal_mu, settings=site.cls,
+                              windows=site.profile["preprocess"]["windows"],
+                              schedule_offset=(server_round - 1) * epochs * steps_per_epoch,
+                              schedule_total=site.settings.cls_rounds * epochs * steps_per_epoch)
+    state = model.state_dict()
+    if local_keys:
+        context.state["cls-local-norm"] = to_record({k: state[k] for k in local_keys})
+    metrics = {"num-examples": len(fit), "train-loss": result.metrics["train_loss"],
+               "num-synthetic": int(result.metrics.get("num_extra", 0)), "num-excluded": len(dataset.excluded)}
+    return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
+                 model_keys=set(state))
+
+
+def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
+    """Masks from the federated segmentation model, on each sample's own grid."""
+    model = seg_model(site)
+    load_global(model, from_record(seg_weights))
+    model.eval()
+
+    def provide(sample):
+        working = resample_sample(sample, site.cache.spacing, site.cache.windows)
+        pred = predict_mask(model, working.image, site.seg.inference_roi, overlap=site.seg.sw_overlap,
+                            sw_batch_size=site.seg.sw_batch_size)
+        back = to_original_grid(pred.astype(np.uint8), working.working, sample.working, is_mask=True)
+        return sitk.GetArrayFromImage(back)
+
+    return provide
+
+
+@app.evaluate("cls")
+def evaluate_cls(message: Message, context: Context) -> Message:
+    site = site_from_context(context.node_config, context.run_config)
+    config = message.content["config"]
+    model = cls_model(site)
+    receive_global(model, message, context, "cls", site.settings.fedbn)
+    if str(config.get("mask-source", "reference")) == "segmentation":
+        provider = segmentation_mask_provider(site, message.content["seg-arrays"])
+        dataset = build_roi_dataset(site.cases, site.cls, mask_provider=provider, with_markers=False)
+        rois = dataset.cases
+    else:
+        dataset, _, val = site.roi_dataset()
+        rois = val if str(config.get("split", "validation")) == "validation" else dataset.cases
+    labels = np.array([r.he for r in rois], dtype=int)
+    z = case_logits(model, rois, site.cls)
+    metrics = {"num-examples": len(rois), "num-he": int(labels.sum()), "num-excluded": len(dataset.excluded)}
+    if len(rois):
+        metrics.update(binned.to_metrics(z, labels))
+        a, b = float(config.get("calib-a", 1.0)), float(config.get("calib-b", 0.0))
+        prob = 1 / (1 + np.exp(-(a * z + b)))
+        metrics["brier"] = float(np.mean((prob - labels) ** 2))
+        if 0 < labels.sum() < len(labels):
+            metrics["auc"] = float(roc_auc_score(labels, z))
+        if "threshold" in config:
+            predicted = prob >= float(config["threshold"])
+            if labels.sum():
+                metrics["sensitivity"] = float(predicted[labels == 1].mean())
+            if (labels == 0).sum():
+                metrics["specificity"] = float((~predicted[labels == 0]).mean())
+    return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))

@@ -16,14 +16,19 @@ from common.data.contract import Case, read_center
 from common.data.dataset import SampleCache, split_by_center, with_masks
 from common.errors import ConfigError
 from common.federation.settings import FederationSettings
+from common.training.classification import ClassifierSettings, build_roi_dataset, stratified_split
 from common.training.settings import SegmentationSettings
 
 
 class Site:
-    def __init__(self, center: str, data_path: Path, settings: FederationSettings):
+    def __init__(self, center: str, data_path: Path, settings: FederationSettings, work_dir: Path | None = None):
         self.center = center
         self.data_path = Path(data_path)
         self.settings = settings
+        # Site-private outputs (synthetic ROIs): never sent anywhere.
+        self.work_dir = Path(work_dir) if work_dir else Path(settings.out_dir) / "sites" / center
+        self.cls = ClassifierSettings.from_profile(load_profile(settings.profile))
+        self._rois = None
         self.profile = load_profile(settings.profile)
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
@@ -42,6 +47,16 @@ class Site:
         exactly the rounds an uninterrupted one would have run."""
         return (self.settings.seed * 1_000_003 + zlib.crc32(f"{stage}/{server_round}/{self.center}".encode())) % 2**31
 
+    def roi_dataset(self):
+        """ROIs of the labelled cases with reference masks (built once per process), split into
+        a fit part and a validation part for the federated operating point."""
+        if self._rois is None:
+            dataset = build_roi_dataset(self.cases, self.cls, with_markers=False)
+            fit, val = stratified_split(dataset.labels(), [self.center] * len(dataset.cases), self.cls.val_fraction,
+                                        self.settings.seed)
+            self._rois = (dataset, [dataset.cases[i] for i in fit], [dataset.cases[i] for i in val])
+        return self._rois
+
     def info(self) -> dict:
         he = [c.he for c in self.cases]
         return {"num-cases": len(self.cases), "num-he": sum(1 for h in he if h == 1),
@@ -50,9 +65,11 @@ class Site:
 
 def site_from_context(node_config: dict, run_config: dict) -> Site:
     settings = FederationSettings.from_run_config(run_config)
+    work_dir = ""
     if "center" in node_config:  # deployment: the site names itself
         center = str(node_config["center"])
         data_path = Path(str(node_config.get("data-path", "")))
+        work_dir = str(node_config.get("work-dir", data_path.parent / f".hemex-{center}"))
         if not data_path.is_dir():
             raise ConfigError(f"node-config data-path {str(data_path)!r} of centre {center} is not a folder")
     else:  # simulation: partition-id indexes the run config's centre list
@@ -61,9 +78,9 @@ def site_from_context(node_config: dict, run_config: dict) -> Site:
             raise ConfigError(f"partition-id {partition} has no centre: run-config centers = {settings.centers}")
         center = settings.centers[partition]
         data_path = Path(settings.data_root) / center
-    return cached_site(center, str(data_path), tuple(sorted(settings.to_run_config().items())))
+    return cached_site(center, str(data_path), work_dir, tuple(sorted(settings.to_run_config().items())))
 
 
 @lru_cache(maxsize=8)
-def cached_site(center: str, data_path: str, run_config_items: tuple) -> Site:
-    return Site(center, Path(data_path), FederationSettings.from_run_config(dict(run_config_items)))
+def cached_site(center: str, data_path: str, work_dir: str, run_config_items: tuple) -> Site:
+    return Site(center, Path(data_path), FederationSettings.from_run_config(dict(run_config_items)), work_dir or None)

@@ -15,10 +15,13 @@ from flwr.serverapp import Grid
 from common import __version__
 from common.config import load_profile
 from common.errors import ConfigError
+from common.federation import binned
 from common.federation.records import to_record
 from common.federation.settings import FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
 from common.training.checkpoint import architecture, build_model, save_checkpoint
+from common.training.classification import ClassifierSettings, save_classifier
+from common.training.classification import create_model as create_classifier_model
 from common.training.segmentation import seed_everything
 from common.training.settings import SegmentationSettings
 from server.checkpoint import ServerCheckpoints
@@ -37,6 +40,7 @@ class FederatedRun:
         self.profile = load_profile(settings.profile)
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
+        self.cls = ClassifierSettings.from_profile(self.profile)
         self.centers: dict[str, int] = {}
         self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
 
@@ -123,23 +127,13 @@ class FederatedRun:
     def evaluate_everywhere(self, stage: str, arrays: ArrayRecord) -> dict[str, dict]:
         """Final weights evaluated at every centre: all local cases of held-out centres, the
         validation split of training centres. Only aggregate metrics come back."""
-        messages = []
-        for center, node in self.centers.items():
-            split = "all" if center in self.settings.test_centers else "validation"
-            content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": split})})
-            messages.append(Message(content, dst_node_id=node, message_type=f"evaluate.{stage}"))
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)
-        by_node = {v: k for k, v in self.centers.items()}
         results = {}
-        for reply in replies:
-            center = by_node.get(reply.metadata.src_node_id)
-            if reply.has_error():
-                results[center] = {"error": reply.error.reason}
-            else:
-                results[center] = dict(next(iter(reply.content.metric_records.values())))
-        for center in self.centers:
-            results.setdefault(center, {"error": "no reply before the timeout"})
-        return results
+        for split, centers in (("all", self.settings.test_centers), ("validation", self.settings.train_centers)):
+            nodes = {c: self.centers[c] for c in centers}
+            if nodes:
+                content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": split})})
+                results.update(self.send(f"evaluate.{stage}", nodes, content))
+        return {c: results[c] for c in self.centers}
 
     # --------------------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -149,22 +143,73 @@ class FederatedRun:
                  f"held out {', '.join(self.settings.test_centers) or 'none'}")
         seed_everything(self.settings.seed)
         arch = self.seg_architecture()
-        model = build_model(arch)
         seg_started = time.time()
-        seg_arrays = self.train_stage("seg", to_record(model.state_dict()), self.settings.seg_rounds)
+        seg_arrays = self.train_stage("seg", to_record(build_model(arch).state_dict()), self.settings.seg_rounds)
         self.report["timing"]["seg_seconds"] = time.time() - seg_started
         self.report["stages"].setdefault("seg", {})["final"] = self.evaluate_everywhere("seg", seg_arrays)
-        save_checkpoint(self.out / "model" / "segmentation", seg_arrays.to_torch_state_dict(), arch,
+        bundle = self.out / "model"
+        save_checkpoint(bundle / "segmentation", seg_arrays.to_torch_state_dict(), arch,
                         {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
                          "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy})
         self.report["model_bytes"] = {"seg": seg_arrays.count_bytes()}
+        if self.settings.cls_rounds > 0:
+            cls_started = time.time()
+            cls_arrays, operating_point = self.classifier(seg_arrays)
+            self.report["timing"]["cls_seconds"] = time.time() - cls_started
+            self.report["model_bytes"]["cls"] = cls_arrays.count_bytes()
+            save_classifier(bundle / "classifier", cls_arrays.to_torch_state_dict(),
+                            {"settings": self.cls.as_dict(), "windows": self.profile["preprocess"]["windows"],
+                             "calibration": {"method": "platt-binned", "a": operating_point["calib-a"],
+                                             "b": operating_point["calib-b"], "n": operating_point["n"]},
+                             "threshold": operating_point["threshold"],
+                             "train_centers": list(self.settings.train_centers), "rounds": self.settings.cls_rounds,
+                             "seed": self.settings.seed})
         self.report["timing"]["total_seconds"] = time.time() - started
         self.report["versions"] = {"hemex": __version__, **package_versions()}
         write_json(self.out / "federation.json", self.report)
         write_json(self.out / "config.json", {"run_config": self.settings.to_run_config(),
                                               "profile": self.profile, "segmentation": self.seg.as_dict(),
-                                              "architecture": arch})
+                                              "classifier": self.cls.as_dict(), "architecture": arch})
         return self.report
+
+    def classifier(self, seg_arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+        """Classifier rounds, then an operating point fixed on the training centres' validation
+        histograms, then evaluation everywhere with ROIs from the federated segmentation."""
+        windows = self.profile["preprocess"]["windows"]
+        cls_arrays = self.train_stage("cls", to_record(create_classifier_model(self.cls, windows).state_dict()),
+                                      self.settings.cls_rounds)
+        train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
+        validation = self.send("evaluate.cls", train_nodes, RecordDict(
+            {"arrays": cls_arrays, "config": ConfigRecord({"split": "validation", "mask-source": "reference"})}))
+        he, nhe = binned.from_metrics([m for m in validation.values() if "error" not in m])
+        point = {**binned.fit_operating_point(he, nhe), "n": int(he.sum() + nhe.sum())}
+        self.log(f"cls: operating point from {point['n']} training-centre validation cases: "
+                 f"threshold {point['threshold']:.3f}, Platt a={point['calib-a']:.3f} b={point['calib-b']:.3f}")
+        config = {k: point[k] for k in ("calib-a", "calib-b", "threshold")}
+        final = self.send("evaluate.cls", self.centers, RecordDict(
+            {"arrays": cls_arrays, "seg-arrays": seg_arrays,
+             "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})}))
+        stage = self.report["stages"].setdefault("cls", {})
+        stage.update(operating_point=point, validation=_without_histograms(validation), final=_without_histograms(final))
+        return cls_arrays, point
+
+    def send(self, message_type: str, nodes: dict[str, int], content: RecordDict) -> dict[str, dict]:
+        """One message per centre; the replies' aggregate metrics (or the error) per centre."""
+        messages = [Message(content, dst_node_id=node, message_type=message_type) for node in nodes.values()]
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)
+        by_node = {node: center for center, node in nodes.items()}
+        results = {center: {"error": "no reply before the timeout"} for center in nodes}
+        for reply in replies:
+            center = by_node.get(reply.metadata.src_node_id)
+            if center is None:
+                continue
+            results[center] = ({"error": reply.error.reason} if reply.has_error()
+                               else dict(next(iter(reply.content.metric_records.values()))))
+        return results
+
+
+def _without_histograms(results: dict[str, dict]) -> dict[str, dict]:
+    return {c: {k: v for k, v in m.items() if not k.startswith("hist-")} for c, m in results.items()}
 
 
 def summarize_round(entry: dict) -> str:

@@ -32,7 +32,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def settings_for(data: Path, out: Path, **overrides) -> FederationSettings:
     values = dict(data_root=str(data), centers=CENTERS, test_centers=("center4", "center5"), profile="smoke",
-                  seg_rounds=2, out_dir=str(out), node_wait_s=60, round_timeout_s=600)
+                  seg_rounds=2, cls_rounds=0, synthesis="none", out_dir=str(out), node_wait_s=60, round_timeout_s=900)
     values.update(overrides)
     return FederationSettings(**values)
 
@@ -183,7 +183,7 @@ def federation(tiny, tmp_path_factory):
     from simulation.run import run_local_federation
 
     out = tmp_path_factory.mktemp("fed") / "run"
-    report = run_local_federation(settings_for(tiny, out))
+    report = run_local_federation(settings_for(tiny, out, cls_rounds=1))
     return out, report
 
 
@@ -202,6 +202,13 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
     assert set(final) == set(CENTERS)
     assert final["center4"]["num-examples"] == 10 and final["center5"]["num-examples"] == 10
     assert (out / "model" / "segmentation" / "model.safetensors").is_file()
+    cls = report["stages"]["cls"]
+    assert [set(r["train"]["sent_bytes"]) for r in cls["rounds"]] == [{"center1", "center2", "center3"}]
+    assert cls["operating_point"]["n"] > 0 and 0.0 < cls["operating_point"]["threshold"] < 1.0
+    for center in ("center4", "center5"):  # held out: scored with ROIs from the federated segmentation
+        assert cls["final"][center]["num-examples"] + cls["final"][center]["num-excluded"] == 10
+        assert 0.0 <= cls["final"][center]["brier"] <= 1.0
+    assert (out / "model" / "classifier" / "classifier.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["run_config"]["seed"] == 0
     assert flower_processes() == []
 

@@ -1,0 +1,191 @@
+"""Medical image I/O through SimpleITK: NIfTI files and DICOM series in, atomic writes out.
+
+Every reader returns a SimpleITK image in Hounsfield units with its physical geometry intact;
+orientation and spacing are left to `preprocess.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from common.errors import DataError
+
+# DICOM tags (group|element) that hemex reads or writes.
+TAG_MODALITY = "0008|0060"
+TAG_RESCALE_INTERCEPT = "0028|1052"
+TAG_RESCALE_SLOPE = "0028|1053"
+
+
+def read_dicom_series(folder: Path) -> sitk.Image:
+    """A DICOM series folder as one HU volume; slices ordered by position (GDCM), rescale applied."""
+    folder = Path(folder)
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as err:
+        raise DataError(folder, f"cannot scan for DICOM series: {err}") from err
+    if not series:
+        raise DataError(folder, "no DICOM series found in folder")
+    if len(series) > 1:
+        raise DataError(folder, f"folder holds {len(series)} DICOM series; put one series per case folder")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if len(files) < 2:
+        raise DataError(folder, f"DICOM series has {len(files)} slice(s); a head CT volume needs several")
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies slope/intercept; float keeps fractional HU
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise DataError(folder, f"cannot read DICOM series: {_first_line(err)}") from err
+    modality = reader.GetMetaData(0, TAG_MODALITY).strip() if reader.HasMetaDataKey(0, TAG_MODALITY) else ""
+    if modality != "CT":
+        raise DataError(folder, f"DICOM modality is {modality or 'missing'!r}, expected 'CT'")
+    return image
+
+
+def read_ct(path: Path) -> sitk.Image:
+    """Baseline NCCT (NIfTI file or DICOM series folder) as a float32 HU image."""
+    path = Path(path)
+    if path.is_dir():
+        image = read_dicom_series(path)
+    elif path.is_file():
+        image = _read_file(path)
+    else:
+        raise DataError(path, "image not found")
+    if image.GetDimension() != 3:
+        raise DataError(path, f"expected a 3D volume, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(path, f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(values).all():
+        raise DataError(path, "image holds NaN or infinite values")
+    return image
+
+
+def read_mask(path: Path) -> sitk.Image:
+    """Hematoma mask as uint8 {0, 1} (nonzero = hematoma)."""
+    path = Path(path)
+    image = _read_file(path)
+    if image.GetDimension() != 3:
+        raise DataError(path, f"expected a 3D mask, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:  # NotEqual below would raise a raw ITK RuntimeError
+        raise DataError(path, f"expected a scalar mask, got {image.GetNumberOfComponentsPerPixel()} components")
+    return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> str | None:
+    """None if both images share size, spacing, origin and direction; otherwise what differs."""
+    if a.GetSize() != b.GetSize():
+        return f"size {b.GetSize()} differs from image size {a.GetSize()}"
+    checks = (("spacing", a.GetSpacing(), b.GetSpacing()), ("origin", a.GetOrigin(), b.GetOrigin()),
+              ("direction", a.GetDirection(), b.GetDirection()))
+    for name, va, vb in checks:
+        if not np.allclose(va, vb, atol=tol, rtol=tol):
+            return f"{name} {tuple(round(v, 4) for v in vb)} differs from image {name} {tuple(round(v, 4) for v in va)}"
+    return None
+
+
+def _read_file(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise DataError(path, f"cannot read image: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    # ITK messages start with a file:line banner; the useful sentence comes last.
+    return lines[-1] if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: always to a temporary sibling, then an atomic rename, so a crash leaves no half file.
+
+
+def write_image(image: sitk.Image, path: Path, compress: bool = True) -> None:
+    """Write a NIfTI file atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, patient_id: str, series_description: str = "NCCT",
+                       extra_tags: dict[str, str] | None = None) -> None:
+    """Write an HU volume as a CT DICOM series (16-bit, rescale intercept -1024), atomically.
+
+    Slices carry ImagePositionPatient / ImageOrientationPatient from the image geometry, so a
+    reader orders them by position regardless of file names.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    hu = sitk.GetArrayFromImage(image)
+    # The buffer holds HU, not stored values: when the rescale tags are set, GDCM itself stores
+    # (HU - intercept) / slope. Pre-shifting by +1024 here made every series read back 1024 HU high.
+    stored = np.clip(np.round(hu), -1024, 31743).astype(np.int16)
+    stored_image = sitk.GetImageFromArray(stored)
+    stored_image.CopyInformation(image)
+    direction = image.GetDirection()
+    # UIDs derive from patient id and description, so the same phantom gives the same files.
+    key = f"{patient_id}/{series_description}"
+    study_uid, series_uid, frame_uid = (_uid(f"{key}/{part}") for part in ("study", "series", "frame"))
+    acquired = "20250101"
+    common_tags = {
+        "0008|0060": "CT",
+        "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+        "0008|0020": acquired, "0008|0030": "120000",
+        "0008|0021": acquired, "0008|0031": "120000",
+        "0008|103e": series_description,
+        "0010|0010": patient_id, "0010|0020": patient_id,
+        "0020|000d": study_uid, "0020|000e": series_uid, "0020|0052": frame_uid,
+        "0020|0011": "1",
+        "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                    direction[1], direction[4], direction[7])),
+        "0018|0050": f"{image.GetSpacing()[2]:.4f}",
+        TAG_RESCALE_INTERCEPT: "-1024",
+        TAG_RESCALE_SLOPE: "1",
+        "0028|1054": "HU",
+    }
+    common_tags.update(extra_tags or {})
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        # File names carry no slice order: readers must sort by ImagePositionPatient.
+        for k in range(stored_image.GetDepth()):
+            slice_image = stored_image[:, :, k]
+            for tag, value in common_tags.items():
+                slice_image.SetMetaData(tag, value)
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+            slice_image.SetMetaData("0020|0013", str(k + 1))
+            instance_uid = _uid(f"{key}/slice/{k}")
+            slice_image.SetMetaData("0008|0018", instance_uid)
+            slice_image.SetMetaData("0008|0016", "1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+            writer.SetFileName(str(tmp / f"{instance_uid[-12:]}.dcm"))
+            writer.Execute(slice_image)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _uid(key: str) -> str:
+    # 2.25.<UUID as integer> is the standard UUID-derived DICOM UID form (no registered root needed).
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'hemex:' + key).int}"
