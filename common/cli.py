@@ -52,6 +52,92 @@ def cmd_check(args) -> int:
     return run_check(Path(args.data_root))
 
 
+def cmd_train_cls(args) -> int:
+    from common.training.classification import run_train_cls
+
+    overrides = {"epochs": args.epochs, "steps": args.steps, "max_seconds": args.max_seconds}
+    run_train_cls(Path(args.data), args.train_centers, args.test_centers, Path(args.out), profile=args.profile,
+                  seed=args.seed, mask_source=args.mask_source, overrides=overrides, threads=args.threads)
+    print(f"Wrote metrics.json, config.json, classifier weights, predictions and plots to {args.out}")
+    return 0
+
+
+def cmd_train_seg(args) -> int:
+    from rich.console import Console
+
+    from common.errors import ConfigError
+    from common.training.central import RunRequest, run_train_seg
+
+    def centers(value: str, flag: str) -> tuple[str, ...]:
+        names = tuple(c.strip() for c in value.split(",") if c.strip())
+        if not names:
+            raise ConfigError(f"{flag} needs a comma-separated list of centre ids, got {value!r}")
+        return names
+
+    console = Console()
+    overrides = {"model": args.model, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch}
+    request = RunRequest(Path(args.data), centers(args.train_centers, "--train-centers"),
+                         centers(args.test_centers, "--test-centers"), Path(args.out), args.profile, args.seed,
+                         args.device, overrides)
+
+    def on_epoch(record: dict) -> None:
+        val = record["val_dice"]
+        console.print(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}"
+                      + ("" if val != val else f", validation Dice {val:.3f}")
+                      + f" ({record['train_seconds']:.0f} s)")
+
+    metrics = run_train_seg(request, log=console.print, on_epoch=on_epoch)
+    for center, stats in metrics["test"]["per_center"].items():
+        console.print(f"{center}: Dice {stats['dice']['mean']:.3f}, IoU {stats['iou']['mean']:.3f}, "
+                      f"HD95 {stats['hd95_mm']['median']:.1f} mm (median), "
+                      f"|volume error| {stats['abs_vol_err_ml']['median']:.2f} mL (median)")
+    console.print(f"Wrote {request.out}/model.safetensors, model.json, metrics.json, config.json")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    import torch
+
+    from common.synthesis.run import run_synth
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    audit = run_synth(Path(args.data), args.center, Path(args.out), profile=args.profile, seed=args.seed,
+                      ratio=args.ratio, generator=args.generator, train_steps=args.steps)
+    memo = audit["memorization"]
+    print(f"{args.center}: kept {memo['kept']} synthetic HE ROIs of {memo['needed']} needed "
+          f"({memo['accepted']}/{memo['synthetic']} candidates passed the memorization audit, "
+          f"threshold {memo['threshold']:.4f}); training {audit['training']['seconds_per_step']:.2f} s/step, "
+          f"sampling {audit['timing']['seconds_per_sample'] or 0:.2f} s/sample")
+    print(f"Wrote synthetic_he.npz, audit.json, quality.png, config.json to {args.out}")
+    return 0
+
+
+def cmd_certs(args) -> int:
+    from common.federation.certs import create_dev_pki
+
+    pki = create_dev_pki(Path(args.out), nodes=args.nodes or (), hosts=args.host, days=args.days)
+    rows = [("ca.crt", "CA certificate: for every site, and flwr's root-certificates"),
+            ("ca.key", "CA private key: keep it offline"),
+            ("server.crt", f"SuperLink TLS certificate for {', '.join(pki.hosts)}"),
+            ("server.key", "SuperLink TLS private key: coordinator only")]
+    for node in pki.node_keys:
+        rows += [(f"nodes/{node}.key", f"SuperNode key of {node} (ECDSA SECP384R1, OpenSSH): site {node} only"),
+                 (f"nodes/{node}.pub", "its public key: the coordinator registers it")]
+    width = max(len(name) for name, _ in rows)
+    print(f"Created a development PKI in {pki.root} (folder mode 0700, private keys 0600):")
+    for name, what in rows:
+        print(f"  {name:<{width}}  {what}")
+    print("Next (README, Deployment; 8000 is Flower's default port):")
+    print(f"  coordinator$ server/deploy/start-superlink.sh --certs {pki.root} --host 0.0.0.0 --port 8000")
+    for _, public in pki.node_keys.values():
+        print(f"  coordinator$ flwr supernode register {public} <connection>")
+    for node, (private, _) in pki.node_keys.items():
+        print(f"  site {node}$ client/deploy/start-supernode.sh --superlink {pki.hosts[0]}:8000 --ca ca.crt "
+              f"--key {private.name} --center {node} --data-path /path/to/DATA_ROOT/{node}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hemex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +154,59 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a site's data against the data contract")
     p.add_argument("data_root", help="DATA_ROOT with one folder per centre")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train-cls", help="train the HE classifier (ViT on hematoma ROIs) centrally and evaluate "
+                                         "it, with volume and marker baselines, on external centres")
+    p.add_argument("--data", required=True, help="DATA_ROOT with one folder per centre")
+    p.add_argument("--train-centers", nargs="+", required=True, help="centres to train on")
+    p.add_argument("--test-centers", nargs="+", required=True, help="external centres, never used for any fitting")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, config.json, weights, plots)")
+    p.add_argument("--profile", default="cpu", help="profile in configs/profiles (cpu, gpu) or a TOML file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-source", default="reference", choices=["reference"],
+                   help="hematoma masks the ROIs are centred on (segmentation-model masks: through the federation)")
+    p.add_argument("--epochs", type=int, default=None, help="override classifier.epochs of the profile")
+    p.add_argument("--steps", type=int, default=None, help="override classifier.steps (optimizer steps; > 0 wins over epochs)")
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap on ViT training")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_train_cls)
+    p = sub.add_parser("synth", help="train a HE ROI generator on one centre, generate synthetic HE ROIs to reach "
+                                     "a HE:NHE ratio, and audit them for memorization")
+    p.add_argument("--data", required=True, help="DATA_ROOT with one folder per centre")
+    p.add_argument("--center", required=True, help="the centre whose HE cases (reference masks) train the generator")
+    p.add_argument("--out", required=True, help="output folder: synthetic_he.npz, audit.json, quality.png, config.json")
+    p.add_argument("--profile", default="cpu", help="run profile in configs/profiles or a TOML file ([synthesis] section)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratio", default=None, help="target HE:NHE ratio: 1:2 (profile default), 1:1 or none")
+    p.add_argument("--generator", choices=["ukan", "unet"], default=None,
+                   help="ukan (Diffusion-UKAN) or unet (MONAI DiffusionModelUNet baseline); default from the profile")
+    p.add_argument("--steps", type=int, default=None, help="override the profile's training steps")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("certs", help="create a development CA, the SuperLink's TLS certificate and SuperNode "
+                                     "authentication keys for a Flower deployment")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty; never overwritten)")
+    p.add_argument("--nodes", default="", help="comma-separated node (centre) ids: one ECDSA SECP384R1 key pair "
+                                               "each, in OpenSSH format (e.g. center1,center2,center3)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="comma-separated DNS names / IP addresses sites use to reach the SuperLink; the server "
+                        "certificate is valid for them plus localhost and 127.0.0.1")
+    p.add_argument("--days", type=int, default=365, help="server certificate validity in days")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("train-seg", help="train hematoma segmentation centrally and test it on unseen centres")
+    p.add_argument("--data", required=True, help="DATA_ROOT with one folder per centre")
+    p.add_argument("--train-centers", required=True, help="comma-separated training centre ids")
+    p.add_argument("--test-centers", required=True, help="comma-separated external test centre ids")
+    p.add_argument("--out", required=True, help="output folder for the model, metrics.json and config.json")
+    p.add_argument("--model", default=None, help="architecture (umamba-bot, umamba-enc, unet, segresnet); "
+                   "default: the profile's")
+    p.add_argument("--profile", default="cpu", help="run profile in configs/profiles (cpu, gpu) or a TOML file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the profile's)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch (default: the profile's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    p.set_defaults(func=cmd_train_seg)
     return parser
 
 

@@ -186,11 +186,13 @@ class FederatedRun:
         self.log(f"cls: operating point from {point['n']} training-centre validation cases: "
                  f"threshold {point['threshold']:.3f}, Platt a={point['calib-a']:.3f} b={point['calib-b']:.3f}")
         config = {k: point[k] for k in ("calib-a", "calib-b", "threshold")}
-        final = self.send("evaluate.cls", self.centers, RecordDict(
+        test_nodes = {c: self.centers[c] for c in self.settings.test_centers}
+        final = self.send("evaluate.cls", test_nodes, RecordDict(
             {"arrays": cls_arrays, "seg-arrays": seg_arrays,
-             "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})}))
+             "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})})) if test_nodes else {}
         stage = self.report["stages"].setdefault("cls", {})
-        stage.update(operating_point=point, validation=_without_histograms(validation), final=_without_histograms(final))
+        # Training centres report their validation split only: their other cases trained the model.
+        stage.update(operating_point=point, final=_without_histograms({**validation, **final}))
         return cls_arrays, point
 
     def send(self, message_type: str, nodes: dict[str, int], content: RecordDict) -> dict[str, dict]:

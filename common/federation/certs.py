@@ -105,6 +105,8 @@ def create_dev_pki(out: Path, nodes: Sequence[str] = (), hosts: str | Sequence[s
     `out` must not exist or be an empty folder; nothing is ever overwritten.
     """
     out = Path(out).expanduser().absolute()
+    if days < 1:
+        raise ConfigError(f"--days must be at least 1, got {days}")
     nodes = parse_nodes(nodes)
     host_list = parse_hosts(hosts)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -72,4 +72,4 @@ def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, 
 
 
 def summary(records: list[dict]) -> dict:
-    return {k: v for k, v in summarize(records).items() if k in SUMMARY_KEYS}
+    return summarize([{k: r[k] for k in SUMMARY_KEYS if k in r} for r in records])

@@ -1,0 +1,229 @@
+"""Ablation of on-site synthesis (issue 5, item 7): does adding synthetic HE ROIs help the ViT?
+
+One run, one budget for every arm:
+
+    arms      none | ukan 1:2 | ukan 1:1 | unet 1:2 | unet 1:1
+    data      training centres (default center1-3) -> ViT; external centres (center4-5) -> AUC
+    generator one per kind, trained on the pooled HE ROIs of the training centres (reference
+              masks) for the same number of steps; candidates pass the memorization audit; the
+              1:2 arm uses the first accepted samples of the 1:1 pool (nested sets)
+    ViT       the profile's [classifier] settings, the same optimizer steps in every arm (a fixed
+              step budget, not epochs: synthetic samples would otherwise buy extra steps)
+    report    external AUC per arm with DeLong 95 % CIs (pooled and per centre), the paired
+              DeLong difference against "none", generator step time, time per generated sample,
+              audit counts and feature distance. JSON + a Markdown table in --out.
+
+    .venv/bin/python bench/synth_bench.py --data /tmp/paper_cohort --out runs/bench-synth
+
+Note: generators here are trained centrally on the pooled training centres (the federated run
+trains one per site with `hemex synth`); with ~20 % HE this is ~25 HE cases. External AUC CIs
+at ~100 external cases are about +-0.1 wide, so only large effects can show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def resize(images: np.ndarray, pixels: int, mode: str) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.asarray(images, np.float32))
+    if x.shape[-1] == pixels:
+        return x.numpy()
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(x, size=(pixels, pixels), mode=mode, **kwargs).numpy()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="runs/paper-seed0", help="cohort DATA_ROOT (default: the make simulate cohort)")
+    parser.add_argument("--train-centers", default="center1,center2,center3")
+    parser.add_argument("--test-centers", default="center4,center5")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gen-steps", type=int, default=None, help="generator training steps (default: profile)")
+    parser.add_argument("--cls-steps", type=int, default=None, help="ViT optimizer steps per arm (default: profile epochs "
+                        "on the real set, converted to steps)")
+    parser.add_argument("--arms", default="none,ukan:1:2,ukan:1:1,unet:1:2,unet:1:1")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/bench-synth")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from common.config import load_profile
+    from common.data.contract import read_cohort
+    from common.metrics.classification import delong_ci, delong_test
+    from common.synthesis.audit import feature_distance, memorization_audit
+    from common.synthesis.diffusion import count_parameters, sample, train_generator
+    from common.synthesis.ratio import synthetic_needed
+    from common.synthesis.settings import synthesis_settings
+    from common.training.classification import (Budget, ClassifierSettings, build_roi_dataset, case_logits,
+                                                create_model, train_classifier)
+
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(args.profile)
+    windows = [tuple(w) for w in profile["preprocess"]["windows"]]
+    cls = ClassifierSettings.from_profile(profile)
+    syn = synthesis_settings(profile, train_steps=args.gen_steps)
+    train_centers = [c for c in args.train_centers.split(",") if c]
+    test_centers = [c for c in args.test_centers.split(",") if c]
+    arms = []
+    for spec in args.arms.split(","):
+        parts = spec.split(":")
+        arms.append(("none", "none") if parts[0] == "none" else (parts[0], ":".join(parts[1:])))
+
+    # ---------------------------------------------------------------- ROIs (the classifier's own)
+    cohort = read_cohort(Path(args.data), train_centers + test_centers)
+    t0 = time.time()
+    train = build_roi_dataset([c for center in train_centers for c in cohort[center]], cls, windows=windows,
+                              with_markers=False)
+    test = build_roi_dataset([c for center in test_centers for c in cohort[center]], cls, windows=windows,
+                             with_markers=False)
+    roi_seconds = time.time() - t0
+    y_train = train.labels()
+    y_test = test.labels()
+    k = cls.k_slices
+    log(f"ROIs: {len(train.cases)} training cases ({int(y_train.sum())} HE), {len(test.cases)} external "
+        f"({int(y_test.sum())} HE), {roi_seconds:.0f} s; excluded {len(train.excluded) + len(test.excluded)}")
+    he_cases = [r for r in train.cases if r.he == 1]
+    he_images = np.concatenate([r.images for r in he_cases]).astype(np.float32)
+    he_masks = np.concatenate([r.masks for r in he_cases]).astype(np.float32)
+    he_groups = np.concatenate([[f"{r.center}/{r.case_id}"] * len(r.images) for r in he_cases])
+    # The generator works at syn.pixels; the ViT at cls.pixels.
+    gen_images = resize(he_images, syn.pixels, "area")
+    gen_masks = resize(he_masks[:, None], syn.pixels, "area")[:, 0]
+    gen_input = np.concatenate([gen_images, (gen_masks > 0.5).astype(np.float32)[:, None]], axis=1) \
+        if syn.with_mask else gen_images
+    n_he_slices = int(y_train.sum()) * k
+    n_nhe_slices = int((y_train == 0).sum()) * k
+    needed = {ratio: synthetic_needed(n_he_slices, n_nhe_slices, ratio) for _, ratio in arms}
+    max_needed = max(needed.values())
+    log(f"synthetic ROIs needed: {needed} (HE {n_he_slices} / NHE {n_nhe_slices} slices)")
+
+    # ---------------------------------------------------------------- generators
+    generators = {}
+    for kind in sorted({g for g, _ in arms if g != "none"}):
+        settings = syn.with_overrides(generator=kind)
+        log(f"training {kind}: {settings.train_steps} steps of batch {settings.batch_size} on {len(gen_input)} ROIs")
+        trained = train_generator(gen_input, settings, seed=args.seed)
+        n_candidates = int(math.ceil(max_needed * settings.oversample))
+        t0 = time.time()
+        candidates = sample(trained, n_candidates, seed=args.seed + 1)
+        sample_seconds = time.time() - t0
+        images = candidates[:, : he_images.shape[1]]
+        masks = (candidates[:, -1] > 0.5).astype(np.float32) if settings.with_mask else None
+        audit = memorization_audit(images, gen_images, he_groups, settings.audit_percentile, settings.audit_max_shift,
+                                   include_flips=settings.hflip)
+        keep = np.flatnonzero(audit["accepted"])
+        accepted = images[keep]
+        accepted_masks = masks[keep] if masks is not None else None
+        record = {"parameters": count_parameters(trained.model), **trained.summary(),
+                  "seconds_per_sample": sample_seconds / max(1, n_candidates), "ddim_steps": settings.ddim_steps,
+                  "audit": audit["summary"]}
+        if len(accepted) >= 2:
+            record["feature_distance"] = feature_distance(gen_images, accepted, seed=0)
+        log(f"{kind}: {record['seconds_per_step']:.3f} s/step, {record['seconds_per_sample']:.3f} s/sample, "
+            f"accepted {len(accepted)}/{n_candidates}")
+        # Up to the classifier's ROI size.
+        up = resize(accepted, cls.pixels, "bilinear").clip(0, 1)
+        up_masks = (resize(accepted_masks[:, None], cls.pixels, "bilinear")[:, 0] > 0.5).astype(np.float32) \
+            if accepted_masks is not None else np.zeros((len(up), cls.pixels, cls.pixels), np.float32)
+        generators[kind] = {"record": record, "images": up, "masks": up_masks}
+        np.savez_compressed(out / f"synthetic_{kind}.npz", images=up, masks=up_masks)
+
+    # ---------------------------------------------------------------- classifier arms
+    real_slices = n_he_slices + n_nhe_slices
+    steps = args.cls_steps or cls.steps or cls.epochs * max(1, real_slices // min(cls.batch_size, real_slices))
+    results = []
+    scores = {}
+    for kind, ratio in arms:
+        name = "none" if kind == "none" else f"{kind} {ratio}"
+        extra = extra_masks = None
+        n_extra = 0
+        if kind != "none":
+            n_extra = min(needed[ratio], len(generators[kind]["images"]))
+            extra = generators[kind]["images"][:n_extra]
+            extra_masks = generators[kind]["masks"][:n_extra]
+        model = create_model(cls, windows)
+        t0 = time.time()
+        result = train_classifier(model, train.cases, Budget(steps=steps), seed=args.seed, extra_he_rois=extra,
+                                  extra_he_masks=extra_masks, settings=cls, windows=windows)
+        z = case_logits(model, test.cases, cls)
+        scores[name] = z
+        row = {"arm": name, "generator": kind, "ratio": ratio, "synthetic": int(n_extra),
+               "synthetic_needed": int(needed[ratio]), "train_seconds": time.time() - t0,
+               "train_loss": result.metrics["train_loss"]}
+        a, lo, hi, _ = delong_ci(y_test, z)
+        row["external_auc"] = [a, lo, hi]
+        for center in test_centers:
+            mask = np.array([r.center == center for r in test.cases])
+            a, lo, hi, _ = delong_ci(y_test[mask], z[mask])
+            row[f"auc_{center}"] = [a, lo, hi]
+        if name != "none" and "none" in scores:
+            row["vs_none"] = delong_test(y_test, z, scores["none"])
+        results.append(row)
+        log(f"{name}: external AUC {row['external_auc'][0]:.3f} [{row['external_auc'][1]:.3f}, "
+            f"{row['external_auc'][2]:.3f}] ({row['train_seconds']:.0f} s)")
+
+    record = {"data": str(args.data), "train_centers": train_centers, "test_centers": test_centers,
+              "profile": args.profile, "seed": args.seed, "classifier": cls.as_dict(), "classifier_steps": steps,
+              "synthesis": syn.as_dict(), "generators": {k: v["record"] for k, v in generators.items()},
+              "arms": results, "seconds": time.time() - started, "threads": args.threads,
+              "external": {"cases": int(len(y_test)), "he": int(y_test.sum())}}
+    tmp = out / ".synth_bench.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    os.replace(tmp, out / "synth_bench.json")
+    table = markdown(record)
+    tmp = out / ".synth_bench.md.tmp"
+    tmp.write_text(table)
+    os.replace(tmp, out / "synth_bench.md")
+    print(table)
+    return 0
+
+
+def markdown(record: dict) -> str:
+    lines = [f"External AUC (DeLong 95 % CI) on {', '.join(record['test_centers'])} "
+             f"({record['external']['cases']} cases, {record['external']['he']} HE); ViT {record['classifier']['model']}, "
+             f"{record['classifier_steps']} steps per arm, seed {record['seed']}", "",
+             "| arm | synthetic ROIs | external AUC | " + " | ".join(record["test_centers"]) + " | diff vs none (p) |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in record["test_centers"]) + " | --- |"]
+    for row in record["arms"]:
+        a = row["external_auc"]
+        per = " | ".join(f"{row[f'auc_{c}'][0]:.3f} [{row[f'auc_{c}'][1]:.2f}, {row[f'auc_{c}'][2]:.2f}]"
+                         for c in record["test_centers"])
+        vs = row.get("vs_none")
+        diff = f"{vs['diff']:+.3f} (p={vs['p']:.2f})" if vs else "-"
+        lines.append(f"| {row['arm']} | {row['synthetic']} | {a[0]:.3f} [{a[1]:.2f}, {a[2]:.2f}] | {per} | {diff} |")
+    lines += ["", "| generator | parameters | s / training step | steps | s / generated sample | audit accepted | "
+                  "threshold | MMD² real-synthetic (real-real halves) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, g in record["generators"].items():
+        fd = g.get("feature_distance", {})
+        mmd = f"{fd.get('real_vs_synthetic', float('nan')):.3f} ({fd.get('real_vs_real_halves', float('nan')):.3f})"
+        lines.append(f"| {kind} | {g['parameters']:,} | {g['seconds_per_step']:.3f} | {g['steps']} | "
+                     f"{g['seconds_per_sample']:.3f} | {g['audit']['accepted']}/{g['audit']['synthetic']} | "
+                     f"{g['audit']['threshold']:.4f} | {mmd} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

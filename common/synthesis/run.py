@@ -1,0 +1,314 @@
+"""On-site synthesis for one centre: the `hemex synth` run.
+
+    DATA_ROOT/<center>  --(reference masks)-->  HE ROIs  --DDPM-->  generator
+        --DDIM-->  candidates  --memorization audit-->  accepted synthetic HE ROIs
+
+Outputs in OUT (each written to a temporary name and renamed):
+    synthetic_he.npz  images (n, 3, P, P) float32 [0, 1] (HU-window channels), masks (n, P, P)
+                      uint8 (when the generator learnt the mask channel), plus geometry metadata;
+                      accepted samples only
+    audit.json        counts, threshold, distance quantiles, feature distance, intensity stats
+    quality.png       real HE ROIs, accepted synthetic ROIs, rejected ones beside their nearest
+                      training ROI
+    config.json       resolved settings, seed, package versions, timings
+
+Counting for the ratio is per ROI slice (the classifier trains on slices; every case contributes
+`slices_per_case` of them), so the number of synthetic ROIs is
+    synthetic_needed(HE cases * k, NHE cases * k, ratio).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from common.errors import DataError, HemexError
+from common.synthesis.settings import SynthesisSettings
+
+NPZ_FORMAT = "hemex-synthetic-he/1"
+CHANNEL_NAMES = ("brain", "blood", "subdural")
+
+
+@dataclass
+class CenterROIs:
+    """ROIs of one centre's labelled cases: images (N, C, P, P), masks (N, P, P), per-ROI labels
+    and case ids (groups), and the cases left out with the reason."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    n_he_cases: int
+    n_nhe_cases: int
+    skipped: list[str]
+
+
+def load_center_rois(data_root: Path, center: str, settings: SynthesisSettings, windows,
+                     include_nhe: bool = False, log: Callable[[str], None] = lambda m: None) -> CenterROIs:
+    """ROIs of a centre's HE cases (and NHE cases when include_nhe) from the reference masks, on the
+    native grid (as the classifier extracts them). NHE cases are always counted."""
+    from common.data.contract import read_cohort
+    from common.data.preprocess import load_case
+    from common.data.roi import extract_rois
+
+    cases = read_cohort(Path(data_root), [center])[center]
+    labelled = [c for c in cases if c.he in (0, 1)]
+    n_he = sum(c.he == 1 for c in labelled)
+    n_nhe = sum(c.he == 0 for c in labelled)
+    images, masks, labels, groups, skipped = [], [], [], [], []
+    wanted = [c for c in labelled if c.he == 1 or include_nhe]
+    for i, case in enumerate(wanted, start=1):
+        if case.mask_path is None:
+            skipped.append(f"{center}/{case.case_id}: no reference mask")
+            continue
+        try:
+            sample = load_case(case, None, windows)
+            rois = extract_rois(sample, k=settings.slices_per_case, size_mm=settings.size_mm,
+                                pixels=settings.pixels, windows=windows)
+        except DataError as err:
+            skipped.append(str(err))
+            continue
+        images.append(rois.images)
+        masks.append(rois.masks)
+        labels += [case.he] * len(rois.images)
+        groups += [case.case_id] * len(rois.images)
+        log(f"ROIs {i}/{len(wanted)}")
+    if not images:
+        raise DataError(Path(data_root) / center, "no HE case with a usable reference mask: nothing to learn from")
+    return CenterROIs(np.concatenate(images).astype(np.float32), np.concatenate(masks).astype(np.uint8),
+                      np.asarray(labels, int), np.asarray(groups), n_he, n_nhe, skipped)
+
+
+def generator_inputs(rois: CenterROIs, settings: SynthesisSettings) -> np.ndarray:
+    """What the generator learns: the window channels, plus the mask as a channel when with_mask."""
+    if settings.with_mask:
+        return np.concatenate([rois.images, rois.masks[:, None].astype(np.float32)], axis=1)
+    return rois.images
+
+
+def split_generated(samples: np.ndarray, settings: SynthesisSettings, n_windows: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Generated (n, C', P, P) -> window images (n, n_windows, P, P) and masks (n, P, P) or None."""
+    images = samples[:, :n_windows].astype(np.float32)
+    masks = (samples[:, n_windows] > 0.5).astype(np.uint8) if settings.with_mask else None
+    return images, masks
+
+
+def resize_rois(images: np.ndarray, pixels: int, masks: np.ndarray | None = None):
+    """Resample (n, C, P, P) images (bilinear) and (n, P, P) masks (nearest) to pixels x pixels, e.g.
+    when the generator ran at a smaller size than the classifier's ROIs."""
+    import torch
+    import torch.nn.functional as F
+
+    images = np.asarray(images, np.float32)
+    if images.shape[-1] == pixels:
+        return images, masks
+    x = F.interpolate(torch.from_numpy(images), size=(pixels, pixels), mode="bilinear", align_corners=False)
+    out_masks = None
+    if masks is not None:
+        m = F.interpolate(torch.from_numpy(np.asarray(masks, np.float32))[:, None], size=(pixels, pixels), mode="bilinear",
+                          align_corners=False)
+        out_masks = (m[:, 0] > 0.5).numpy().astype(np.uint8)
+    return x.clamp(0, 1).numpy(), out_masks
+
+
+def load_synthetic(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Read a synthetic_he.npz: (images, masks or None, metadata)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            images = data["images"].astype(np.float32)
+            masks = data["masks"].astype(np.uint8) if "masks" in data.files else None
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(path, f"not a hemex synthetic_he.npz: {err}") from err
+    if meta.get("format") != NPZ_FORMAT:
+        raise DataError(path, f"format {meta.get('format')!r}, expected {NPZ_FORMAT!r}")
+    return images, masks, meta
+
+
+def versions() -> dict:
+    import monai
+    import torch
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            "monai": monai.__version__, "numpy": np.__version__}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh, indent=2, allow_nan=True)
+            fh.write("\n")
+
+    _atomic_write(Path(path), write)
+
+
+def write_npz(path: Path, meta: dict, **arrays) -> None:
+    def write(tmp):
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, meta=np.array(json.dumps(meta)), **arrays)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getvalue())
+
+    _atomic_write(Path(path), write, ".npz")
+
+
+@dataclass
+class SynthesisResult:
+    images: np.ndarray  # accepted (n, C, P, P)
+    masks: np.ndarray | None
+    audit: dict
+    config: dict
+
+
+def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_needed: int | None = None,
+               log: Callable[[str], None] = print, holdout: np.ndarray | None = None) -> tuple[SynthesisResult, dict]:
+    """Train a generator on the HE ROIs (all ROIs, class-conditional, when settings.conditional),
+    generate candidates, audit them, and keep up to `n_needed` accepted samples.
+
+    Returns the result and the intermediate arrays (for the quality figure): candidates,
+    accepted mask, nearest indices.
+    """
+    from common.synthesis.audit import feature_distance, intensity_stats, memorization_audit
+    from common.synthesis.diffusion import count_parameters, sample, train_generator
+    from common.synthesis.ratio import synthetic_needed
+
+    k = settings.slices_per_case
+    if n_needed is None:
+        n_needed = synthetic_needed(rois.n_he_cases * k, rois.n_nhe_cases * k, settings.ratio)
+    n_needed = min(n_needed, settings.max_synthetic)
+    he = rois.labels == 1
+    n_windows = rois.images.shape[1]
+    inputs = generator_inputs(rois, settings)
+    if settings.conditional:
+        train_x, train_y = inputs, rois.labels
+    else:
+        train_x, train_y = inputs[he], None
+    timings = {}
+    log(f"training {settings.generator} generator on {len(train_x)} ROIs "
+        f"({int(he.sum())} HE from {len(np.unique(rois.groups[he]))} cases), {settings.train_steps} steps")
+    last = [time.perf_counter()]
+
+    def progress(step, total, loss):
+        if time.perf_counter() - last[0] > 15 or step == total:
+            last[0] = time.perf_counter()
+            log(f"  step {step}/{total} loss {loss:.4f}")
+
+    t0 = time.perf_counter()
+    trained = train_generator(train_x, settings, seed=seed, labels=train_y, progress=progress)
+    timings["train_seconds"] = time.perf_counter() - t0
+    n_candidates = int(np.ceil(n_needed * settings.oversample)) if n_needed else 0
+    t0 = time.perf_counter()
+    candidates = sample(trained, n_candidates, seed=seed + 1) if n_candidates else np.zeros((0, *inputs.shape[1:]), np.float32)
+    timings["sample_seconds"] = time.perf_counter() - t0
+    timings["seconds_per_sample"] = timings["sample_seconds"] / n_candidates if n_candidates else None
+    log(f"generated {n_candidates} candidates in {timings['sample_seconds']:.1f} s")
+    cand_images, cand_masks = split_generated(candidates, settings, n_windows)
+    real_he = rois.images[he]
+    audit = memorization_audit(cand_images, real_he, rois.groups[he], settings.audit_percentile,
+                               settings.audit_max_shift, include_flips=settings.hflip)
+    accepted_index = np.flatnonzero(audit["accepted"])[:n_needed]
+    images = cand_images[accepted_index]
+    masks = cand_masks[accepted_index] if cand_masks is not None else None
+    summary = dict(audit["summary"])
+    summary["kept"] = int(len(images))
+    summary["needed"] = int(n_needed)
+    summary["shortfall"] = int(max(0, n_needed - len(images)))
+    report = {
+        "center_counts": {"he_cases": rois.n_he_cases, "nhe_cases": rois.n_nhe_cases, "slices_per_case": k,
+                          "he_rois_used": int(he.sum()), "skipped": rois.skipped},
+        "ratio": settings.ratio,
+        "memorization": summary,
+        "training": trained.summary(),
+        "timing": timings,
+    }
+    if len(images) >= 2:
+        report["feature_distance"] = feature_distance(real_he, images, seed=0, holdout=holdout)
+    groups = {"real_he": real_he, "synthetic_he": images}
+    if (rois.labels == 0).any():
+        groups["real_nhe"] = rois.images[rois.labels == 0]
+    report["intensity"] = {name: intensity_stats(arr, CHANNEL_NAMES) for name, arr in groups.items()}
+    if masks is not None:
+        report["mask_fraction"] = {"real_he": float(rois.masks[he].mean()), "synthetic_he": float(masks.mean())}
+    report["parameters"] = count_parameters(trained.model)
+    config = {"settings": settings.as_dict(), "seed": seed}
+    intermediates = {"candidates": cand_images, "accepted": audit["accepted"], "nearest": audit["nearest"],
+                     "real_he": real_he, "trained": trained}
+    return SynthesisResult(images, masks, report, config), intermediates
+
+
+def run_synth(data_root: Path, center: str, out: Path, profile: str = "cpu", seed: int = 0, ratio: str | None = None,
+              generator: str | None = None, train_steps: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """The `hemex synth` run: train, generate, audit, write the four outputs. Returns audit.json's content."""
+    import torch
+
+    from common.config import load_profile
+    from common.synthesis.audit import save_sample_grid
+    from common.synthesis.settings import synthesis_settings
+
+    started = time.time()
+    prof = load_profile(profile)
+    settings = synthesis_settings(prof, ratio=ratio, generator=generator, train_steps=train_steps)
+    windows = [tuple(w) for w in prof.get("preprocess", {}).get("windows", ())] or None
+    if windows is None:
+        from common.data.preprocess import DEFAULT_WINDOWS
+
+        windows = DEFAULT_WINDOWS
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HemexError(f"{out}: exists and is not a folder")
+    threads = torch.get_num_threads()
+    log(f"loading ROIs of {center} from {data_root}")
+    rois = load_center_rois(Path(data_root), center, settings, windows, include_nhe=True)
+    log(f"{center}: {rois.n_he_cases} HE / {rois.n_nhe_cases} NHE cases; ratio {settings.ratio}")
+    result, extra = synthesize(rois, settings, seed=seed, log=log)
+    audit = result.audit
+    audit["center"] = center
+    audit["data_root"] = str(data_root)
+    meta = {"format": NPZ_FORMAT, "center": center, "pixels": settings.pixels, "size_mm": settings.size_mm,
+            "channels": list(CHANNEL_NAMES[: result.images.shape[1]] if len(result.images) else CHANNEL_NAMES),
+            "windows": [list(w) for w in windows], "generator": settings.generator, "seed": seed,
+            "ratio": settings.ratio, "count": int(len(result.images)), "has_masks": result.masks is not None}
+    arrays = {"images": result.images.astype(np.float32)}
+    if result.masks is not None:
+        arrays["masks"] = result.masks.astype(np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
+    write_npz(out / "synthetic_he.npz", meta, **arrays)
+    rejected = ~extra["accepted"]
+    candidates = extra["candidates"]
+    memo = audit["memorization"]
+    save_sample_grid(out / "quality.png", extra["real_he"], result.images, candidates[rejected],
+                     extra["real_he"][extra["nearest"][rejected]] if rejected.any() else None,
+                     title=f"{center}: {settings.generator} generator, {memo['accepted']}/{memo['synthetic']} accepted "
+                           f"(threshold {memo['threshold']:.3f}); brain window")
+    write_json(out / "audit.json", audit)
+    config = dict(result.config)
+    config.update({"command": "synth", "data_root": str(Path(data_root).resolve()), "center": center,
+                   "profile": prof.get("name"), "windows": [list(w) for w in windows],
+                   "versions": versions(), "torch_threads": threads, "seconds": time.time() - started,
+                   "outputs": ["synthetic_he.npz", "audit.json", "quality.png", "config.json"]})
+    write_json(out / "config.json", config)
+    return audit

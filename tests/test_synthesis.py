@@ -1,0 +1,255 @@
+"""Synthesis: denoisers across timesteps, DDIM sampling, the memorization audit, the ratio arithmetic,
+settings validation and the on-site run end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import ConfigError
+from common.networks.ukan_diffusion import UKANDenoiser
+from common.synthesis.audit import feature_distance, intensity_stats, memorization_audit, save_sample_grid
+from common.synthesis.diffusion import MonaiUNetDenoiser, ddpm_scheduler, sample, train_generator
+from common.synthesis.ratio import parse_ratio, synthetic_needed
+from common.synthesis.settings import SynthesisSettings, synthesis_settings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TINY = dict(pixels=16, base_channels=8, channel_mult=(1, 2, 2), kan_levels=1, unet_channels=(8, 16, 16),
+            batch_size=4, train_steps=3, ddim_steps=5, sample_batch=4, warmup_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------- denoisers
+
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_ukan_denoiser_output_shape_across_timesteps(num_classes):
+    torch.manual_seed(0)
+    model = UKANDenoiser(3, base_channels=8, channel_mult=(1, 2, 4), kan_levels=1, num_classes=num_classes).eval()
+    x = torch.randn(2, 3, 16, 16)
+    labels = None if num_classes is None else torch.tensor([1, 0])
+    outputs = []
+    for t in (0, 500, 999):
+        out = model(x, torch.full((2,), t), labels)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        outputs.append(out)
+    # A scalar timestep is broadcast over the batch.
+    torch.testing.assert_close(model(x, torch.tensor(500), labels), outputs[1])
+    if num_classes:
+        # The class changes the prediction once the output layer is no longer zero.
+        torch.nn.init.normal_(model.out_conv.weight, std=0.1)
+        a = model(x, torch.full((2,), 500), torch.tensor([0, 0]))
+        b = model(x, torch.full((2,), 500), torch.tensor([1, 1]))
+        assert not torch.allclose(a, b)
+        assert model(x, torch.full((2,), 500)).shape == x.shape  # labels left out: unconditional
+    else:
+        with pytest.raises(ValueError, match="unconditional"):
+            model(x, torch.full((2,), 500), torch.tensor([1, 1]))
+
+
+def test_ukan_denoiser_kan_stages_and_gradients():
+    model = UKANDenoiser(4, base_channels=8, channel_mult=(1, 2, 2, 4), kan_levels=2)
+    assert model.is_kan == [False, False, True, True]
+    x = torch.randn(2, 4, 16, 16)
+    model(x, torch.tensor([3, 700])).pow(2).mean().backward()
+    kan_grads = [p.grad for n, p in model.named_parameters() if "spline_weight" in n]
+    assert kan_grads and all(g is not None and torch.isfinite(g).all() for g in kan_grads)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.randn(1, 4, 12, 12), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_monai_unet_baseline_output_shape(num_classes):
+    model = MonaiUNetDenoiser(3, (8, 16, 16), num_classes).eval()
+    x = torch.randn(2, 3, 16, 16)
+    labels = None if num_classes is None else torch.tensor([0, 1])
+    for t in (0, 500, 999):
+        assert model(x, torch.full((2,), t), labels).shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def test_ddim_sampling_shape_range_and_determinism():
+    settings = SynthesisSettings(**TINY)
+    images = np.random.default_rng(0).random((6, 3, 16, 16)).astype(np.float32)
+    trained = train_generator(images, settings, seed=0)
+    assert trained.steps == 3 and all(np.isfinite(trained.losses))
+    a = sample(trained, 5, seed=7)
+    b = sample(trained, 5, seed=7)
+    c = sample(trained, 5, seed=8)
+    assert a.shape == (5, 3, 16, 16) and a.dtype == np.float32
+    assert np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_ddim_loop_recovers_the_image_with_an_oracle_denoiser():
+    """With the exact noise predictor of a single image, DDIM (eta = 0) must land on that image:
+    checks the timestep spacing against MONAI's DDIMScheduler.step."""
+    settings = SynthesisSettings(**TINY)
+    x0 = torch.rand(1, 3, 16, 16) * 2 - 1
+    alphas = ddpm_scheduler(settings).alphas_cumprod
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            a = alphas[t].reshape(-1, 1, 1, 1)
+            return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    out = sample(Oracle(), 3, seed=0, settings=settings, image_shape=(3, 16, 16))
+    np.testing.assert_allclose(out, np.broadcast_to((x0.numpy() + 1) / 2, out.shape), atol=1e-4)
+
+
+def test_class_conditional_training_and_sampling():
+    settings = SynthesisSettings(**TINY, generator="unet")
+    images = np.random.default_rng(1).random((6, 4, 16, 16)).astype(np.float32)
+    trained = train_generator(images, settings, seed=0, labels=np.array([0, 1, 0, 1, 0, 1]))
+    assert trained.num_classes == 2
+    assert sample(trained, 2, seed=0).shape == (2, 4, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+def smooth_images(n: int, seed: int, size: int = 24) -> np.ndarray:
+    """Independent 'patients': a few random Gaussian blobs on a noisy background, 3 channels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = np.full((size, size), 0.3)
+        for _ in range(3):
+            cy, cx = rng.uniform(4, size - 4, 2)
+            r = rng.uniform(2, 6)
+            img += rng.uniform(0.2, 0.5) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        img += rng.normal(0, 0.02, img.shape)
+        out[i] = np.stack([img, img ** 2, np.sqrt(np.clip(img, 0, None))])
+    return np.clip(out, 0, 1)
+
+
+def test_audit_rejects_copies_and_near_copies_and_accepts_independent_images():
+    train = smooth_images(40, seed=0)
+    groups = np.repeat(np.arange(20), 2)  # two ROIs per case
+    rng = np.random.default_rng(1)
+    exact = train[[0, 5, 11]]
+    near = np.clip(train[[2, 8, 30]] + rng.normal(0, 0.005, train[[2, 8, 30]].shape), 0, 1).astype(np.float32)
+    shifted = np.roll(train[[3, 17]], 1, axis=-1)  # a copy moved by one pixel
+    mirrored = train[[4, 21]][..., ::-1]  # a left-right mirrored copy
+    independent = smooth_images(30, seed=99)
+    candidates = np.concatenate([exact, near, shifted, mirrored, independent])
+    audit = memorization_audit(candidates, train, groups, percentile=5.0, max_shift=2)
+    copies = 3 + 3 + 2 + 2
+    assert not audit["accepted"][:copies].any(), audit["distance"][:copies]
+    np.testing.assert_array_equal(audit["nearest"][:3], [0, 5, 11])
+    # About 5 % of genuinely new images fall below the 5th percentile by construction.
+    assert audit["accepted"][copies:].mean() >= 0.8
+    summary = audit["summary"]
+    assert summary["rejected"] >= copies and summary["real_training_cases"] == 20
+    assert summary["threshold"] > 0.01  # well above the near-copy noise
+    json.dumps(summary)
+
+
+def test_leave_one_case_out_keeps_repeated_slices_from_collapsing_the_threshold():
+    train = smooth_images(10, seed=3)
+    repeated = np.repeat(train, 3, axis=0)  # k = 3 identical ROIs per case (tiny hematomas)
+    groups = np.repeat(np.arange(10), 3)
+    audit = memorization_audit(smooth_images(4, seed=4), repeated, groups)
+    assert audit["threshold"] > 0.01
+    per_roi = memorization_audit(smooth_images(4, seed=4), repeated, groups=None)
+    assert per_roi["threshold"] < 1e-6  # what a per-ROI leave-one-out would give
+
+
+def test_feature_distance_and_stats(tmp_path):
+    real = smooth_images(20, seed=5)
+    same = smooth_images(20, seed=6)
+    noise = np.random.default_rng(0).random((20, 3, 24, 24)).astype(np.float32)
+    close = feature_distance(real, same, seed=0)
+    far = feature_distance(real, noise, seed=0)
+    assert far["real_vs_synthetic"] > 10 * abs(close["real_vs_synthetic"])
+    assert feature_distance(real, same, seed=0) == close  # fixed network: reproducible
+    stats = intensity_stats(real, ["brain", "blood", "subdural"])
+    assert set(stats) == {"brain", "blood", "subdural"} and 0 <= stats["blood"]["mean"] <= 1
+    save_sample_grid(tmp_path / "grid.png", real, same[:5], noise[:2], real[:2])
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- ratio
+
+def test_ratio_arithmetic():
+    assert synthetic_needed(20, 80, "1:2") == 20
+    assert synthetic_needed(20, 80, "1:1") == 60
+    assert synthetic_needed(20, 80, "none") == 0
+    assert synthetic_needed(50, 50, "1:2") == 0  # already balanced
+    assert synthetic_needed(40, 80, "1:2") == 0  # exactly at the ratio
+    assert synthetic_needed(10, 45, "1:2") == 13  # 22.5 -> 23 HE
+    assert synthetic_needed(0, 9, "1:3") == 3
+    assert synthetic_needed(30, 90, " 1 : 3 ") == 0
+    assert parse_ratio("NONE") is None and parse_ratio("1:2") == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("bad", ["2:1", "1:0", "0:2", "1-2", "half", "", "1:2:3", "-1:2"])
+def test_bad_ratios_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="synthesis ratio"):
+        synthetic_needed(10, 40, bad)
+
+
+def test_settings_from_profile_validate_keys_and_values():
+    settings = synthesis_settings({"name": "p", "synthesis": {"pixels": 64, "generator": "unet", "train_steps": 10}})
+    assert (settings.pixels, settings.generator, settings.train_steps) == (64, "unet", 10)
+    assert settings.with_overrides(ratio="1:1", generator=None).ratio == "1:1"
+    with pytest.raises(ConfigError, match="unknown \\[synthesis\\] key 'pixel'"):
+        synthesis_settings({"name": "p", "synthesis": {"pixel": 64}})
+    with pytest.raises(ConfigError, match="generator"):
+        synthesis_settings({"synthesis": {"generator": "gan"}})
+    with pytest.raises(ConfigError, match="pixels"):
+        synthesis_settings({"synthesis": {"pixels": 30}})
+    with pytest.raises(ConfigError, match="synthesis ratio"):
+        synthesis_settings({"synthesis": {"ratio": "3:1"}})
+    with pytest.raises(ConfigError, match="train_steps"):
+        synthesis_settings({"synthesis": {"train_steps": 1.5}})
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_shipped_profiles_have_valid_synthesis_sections(name):
+    from common.config import load_profile
+
+    profile = load_profile(name)
+    assert "synthesis" in profile
+    synthesis_settings(profile)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_hemex_synth_end_to_end(tmp_path):
+    from common.cli import main
+    from common.phantoms.cohort import generate_cohort
+    from common.synthesis.run import load_synthetic
+
+    data = tmp_path / "data"
+    generate_cohort("tiny", data, seed=0, workers=1)
+    profile = tmp_path / "p.toml"
+    profile.write_text('name = "t"\n[preprocess]\nspacing = [2.0, 2.0, 5.0]\n'
+                       '[synthesis]\npixels = 16\nbase_channels = 8\nchannel_mult = [1, 2, 2]\ntrain_steps = 3\n'
+                       'batch_size = 4\nddim_steps = 4\nratio = "1:1"\n')
+    centre = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
+    out = tmp_path / "out"
+    assert main(["synth", "--data", str(data), "--center", centre, "--out", str(out), "--profile", str(profile),
+                 "--threads", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["audit.json", "config.json", "quality.png", "synthetic_he.npz"]
+    audit = json.loads((out / "audit.json").read_text())
+    memo = audit["memorization"]
+    assert memo["kept"] <= memo["needed"] and memo["accepted"] + memo["rejected"] == memo["synthetic"]
+    images, masks, meta = load_synthetic(out / "synthetic_he.npz")
+    assert images.shape == (memo["kept"], 3, 16, 16) and masks.shape == (memo["kept"], 16, 16)
+    assert meta["center"] == centre
+    config = json.loads((out / "config.json").read_text())
+    assert config["seed"] == 0 and "torch" in config["versions"]
+    assert main(["synth", "--data", str(data), "--center", centre, "--out", str(out), "--ratio", "3:1"]) == 2
