@@ -4,6 +4,8 @@ Handlers (message type -> what the site does on its own data):
   query.info     centre id and case counts
   train.seg      local segmentation training from the global weights
   evaluate.seg   segmentation metrics of given weights on local cases (aggregates only)
+  query.synth    on-site generator training, generation and memorization audit; the synthetic
+                 HE ROIs stay in the site's work folder
   train.cls      local HE-classifier training on ROIs (+ the site's own synthetic HE ROIs)
   evaluate.cls   classifier metrics on local cases; ROIs from reference masks or from the
                  federated segmentation model; validation logits only as class histograms
@@ -25,6 +27,7 @@ from common.federation.records import check_reply, from_record, load_global, nor
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model
 from common.training.evaluation import evaluate_segmentation
+from common.synthesis.run import load_synthetic, resize_rois, run_synth
 from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
 from common.training.classification import create_model as create_classifier_model
 from common.training.inference import predict_mask
@@ -125,12 +128,28 @@ def cls_model(site: Site):
 
 
 def synthetic_rois(site: Site):
-    """The site's accepted synthetic HE ROIs, if its synthesis stage produced any (site-local)."""
+    """The site's accepted synthetic HE ROIs at the classifier's ROI size, if its synthesis stage
+    produced any. They are read from the site's own work folder and never sent anywhere."""
     path = site.work_dir / "synthetic_he.npz"
     if not path.is_file():
         return None, None
-    with np.load(path) as data:
-        return data["images"], (data["masks"] if "masks" in data else None)
+    images, masks, _ = load_synthetic(path)
+    if len(images) == 0:
+        return None, None
+    return resize_rois(images, site.cls.pixels, masks)
+
+
+@app.query("synth")
+def synthesize(message: Message, context: Context) -> Message:
+    """Train the site's generator on its HE ROIs, generate toward the HE:NHE ratio, audit for
+    memorization; keep the accepted samples on site, report only counts and audit numbers."""
+    site = site_from_context(context.node_config, context.run_config)
+    audit = run_synth(site.data_path.parent, site.data_path.name, site.work_dir, profile=site.settings.profile,
+                      seed=site.round_seed("synth", 0), ratio=site.settings.synthesis, log=lambda _text: None)
+    memo = audit["memorization"]
+    metrics = {"num-kept": int(memo["kept"]), "num-needed": int(memo["needed"]), "num-candidates": int(memo["synthetic"]),
+               "num-accepted": int(memo["accepted"]), "audit-threshold": float(memo["threshold"])}
+    return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 
 
 @app.train("cls")

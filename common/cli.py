@@ -74,6 +74,10 @@ def cmd_train_seg(args) -> int:
             raise ConfigError(f"{flag} needs a comma-separated list of centre ids, got {value!r}")
         return names
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     console = Console()
     overrides = {"model": args.model, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch}
     request = RunRequest(Path(args.data), centers(args.train_centers, "--train-centers"),
@@ -107,8 +111,10 @@ def cmd_synth(args) -> int:
     memo = audit["memorization"]
     print(f"{args.center}: kept {memo['kept']} synthetic HE ROIs of {memo['needed']} needed "
           f"({memo['accepted']}/{memo['synthetic']} candidates passed the memorization audit, "
-          f"threshold {memo['threshold']:.4f}); training {audit['training']['seconds_per_step']:.2f} s/step, "
-          f"sampling {audit['timing']['seconds_per_sample'] or 0:.2f} s/sample")
+          f"threshold {memo['threshold']:.4f})")
+    if audit["training"]:
+        print(f"training {audit['training']['seconds_per_step']:.2f} s/step, "
+              f"sampling {audit['timing']['seconds_per_sample'] or 0:.2f} s/sample")
     print(f"Wrote synthetic_he.npz, audit.json, quality.png, config.json to {args.out}")
     return 0
 
@@ -138,6 +144,40 @@ def cmd_certs(args) -> int:
     return 0
 
 
+def cmd_federate(args) -> int:
+    from rich.console import Console
+
+    from common.federation.settings import FederationSettings, split_list
+    from common.phantoms.cohort import load_cohort_spec
+    from simulation.run import run_local_federation
+    from simulation.summary import print_federation_summary
+
+    console = Console(width=max(Console().width, 110))
+    data = Path(args.data) if args.data else None
+    if data is None:  # the built-in synthetic cohort, generated once and reused
+        spec, _ = load_cohort_spec(args.cohort)
+        data = Path(args.out) / f"cohort-{spec.name}-seed{args.seed}"
+        cmd_phantoms(argparse.Namespace(cohort=args.cohort, out=str(data), seed=args.seed, workers=None,
+                                        preview=None, reuse=True))
+        train = split_list(args.train_centers) if args.train_centers else spec.train_centers
+        test = split_list(args.test_centers) if args.test_centers else spec.test_centers
+    else:
+        if not (args.train_centers and args.test_centers):
+            raise HemexError("--data needs --train-centers and --test-centers (comma-separated centre ids)")
+        train, test = split_list(args.train_centers), split_list(args.test_centers)
+    settings = FederationSettings(
+        data_root=str(data.resolve()), centers=tuple(train) + tuple(test), test_centers=tuple(test),
+        profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
+        seg_rounds=args.seg_rounds, cls_rounds=args.cls_rounds, synthesis=args.synthesis,
+        out_dir=str((Path(args.out) / "federation").resolve()))
+    console.print(f"Federation of {len(settings.centers)} simulated sites: train {', '.join(train)}; "
+                  f"held out {', '.join(test)} (log: {settings.out_dir}/flower.log)")
+    report = run_local_federation(settings, log=console.print)
+    print_federation_summary(report, console)
+    console.print(f"Wrote {settings.out_dir}/federation.json, config.json, checkpoints/ and the model bundle model/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hemex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="also write a PNG grid of axial slices through hematomas")
     p.add_argument("--reuse", action="store_true", help="if --out already holds this cohort and seed, only summarize it")
     p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("federate", help="simulate a federation on this machine: one virtual site per centre, "
+                                        "held-out centres evaluated only")
+    p.add_argument("--data", default=None, help="DATA_ROOT (default: generate or reuse the --cohort synthetic cohort)")
+    p.add_argument("--cohort", default="paper", help="built-in synthetic cohort used when --data is absent")
+    p.add_argument("--train-centers", default=None, help="comma-separated training centres (default: the cohort's)")
+    p.add_argument("--test-centers", default=None, help="comma-separated held-out centres (default: the cohort's)")
+    p.add_argument("--out", default="runs/federate", help="run folder")
+    p.add_argument("--profile", default="cpu", help="profile in configs/profiles (cpu, gpu, smoke) or a TOML file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal weight (with --strategy fedprox)")
+    p.add_argument("--fedbn", action="store_true", help="keep normalisation layers local to each site (FedBN)")
+    p.add_argument("--seg-rounds", type=int, default=3)
+    p.add_argument("--cls-rounds", type=int, default=3)
+    p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
+    p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("check", help="validate a site's data against the data contract")
     p.add_argument("data_root", help="DATA_ROOT with one folder per centre")
@@ -206,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the profile's)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch (default: the profile's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train_seg)
     return parser
 

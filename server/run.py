@@ -152,6 +152,15 @@ class FederatedRun:
                         {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
                          "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy})
         self.report["model_bytes"] = {"seg": seg_arrays.count_bytes()}
+        if self.settings.cls_rounds > 0 and self.settings.synthesis != "none":
+            synth_started = time.time()
+            train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
+            results = self.send("query.synth", train_nodes, RecordDict({"config": ConfigRecord({})}))
+            self.report["stages"]["synth"] = results
+            self.report["timing"]["synth_seconds"] = time.time() - synth_started
+            self.log("synth: " + "; ".join(f"{c}: kept {m.get('num-kept', 0)} of {m.get('num-needed', 0)} needed"
+                                           if "error" not in m else f"{c}: failed ({m['error'][:80]})"
+                                           for c, m in results.items()))
         if self.settings.cls_rounds > 0:
             cls_started = time.time()
             cls_arrays, operating_point = self.classifier(seg_arrays)

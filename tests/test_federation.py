@@ -131,6 +131,7 @@ def call_client(app, message_type: str, content: RecordDict, partition: int, set
     return app(message, context)
 
 
+@pytest.mark.slow
 def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, monkeypatch):
     import client.app as client_app
     from client.site import Site
@@ -154,8 +155,13 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
                              RecordDict({"arrays": weights, "config": ConfigRecord({"split": "all"})}), 3, settings)
     metrics = dict(evaluation.content["metrics"])
     assert metrics["num-examples"] == 10 and 0.0 <= metrics["dice"] <= 1.0
-    assert len(checked) == 3
-    for reply in (info, train, evaluation):
+    synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
+    synth_metrics = dict(synth.content["metrics"])
+    assert synth_metrics["num-kept"] <= synth_metrics["num-needed"]
+    assert set(synth.content.keys()) == {"metrics"}  # the synthetic ROIs themselves stay on site
+    assert (tmp_path / "sites" / "center1" / "synthetic_he.npz").is_file()
+    assert len(checked) == 4
+    for reply in (info, train, evaluation, synth):
         for record in reply.content.values():
             if isinstance(record, MetricRecord):
                 assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 8
@@ -183,7 +189,7 @@ def federation(tiny, tmp_path_factory):
     from simulation.run import run_local_federation
 
     out = tmp_path_factory.mktemp("fed") / "run"
-    report = run_local_federation(settings_for(tiny, out, cls_rounds=1))
+    report = run_local_federation(settings_for(tiny, out, cls_rounds=1, synthesis="1:2"))
     return out, report
 
 
@@ -202,6 +208,8 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
     assert set(final) == set(CENTERS)
     assert final["center4"]["num-examples"] == 10 and final["center5"]["num-examples"] == 10
     assert (out / "model" / "segmentation" / "model.safetensors").is_file()
+    assert set(report["stages"]["synth"]) == {"center1", "center2", "center3"}
+    assert all("error" not in m and m["num-kept"] <= m["num-needed"] for m in report["stages"]["synth"].values())
     cls = report["stages"]["cls"]
     assert [set(r["train"]["sent_bytes"]) for r in cls["rounds"]] == [{"center1", "center2", "center3"}]
     assert cls["operating_point"]["n"] > 0 and 0.0 < cls["operating_point"]["threshold"] < 1.0

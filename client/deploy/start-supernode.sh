@@ -57,6 +57,8 @@ state="${state:-./supernode-$center}"
 mkdir -p "$state"
 export FLWR_HOME="$(cd "$state" && pwd)/flwr-home"
 data_path="$(cd "$data_path" && pwd)"
+ca="$(cd "$(dirname "$ca")" && pwd)/$(basename "$ca")"
+key="$(cd "$(dirname "$key")" && pwd)/$(basename "$key")"
 
 # TOML literal strings ('...'): the path is taken verbatim, backslashes included.
 exec "$supernode" --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \

@@ -12,6 +12,8 @@
 #           Flower home (installed app bundles); default ./superlink-state
 #
 # Only SuperNodes whose public key was registered with `flwr supernode register` may connect.
+# The Control API (`flwr`: register keys, start runs) shares the port and has no account
+# authentication in open-source Flower 1.42: expose the port to the sites' addresses only.
 # App dependencies are never installed at run time: hemex must be installed in this environment.
 # The script execs flower-superlink, so signals (Ctrl-C, SIGTERM from systemd) reach it directly.
 set -euo pipefail
