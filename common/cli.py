@@ -168,6 +168,7 @@ def cmd_federate(args) -> int:
     settings = FederationSettings(
         data_root=str(data.resolve()), centers=tuple(train) + tuple(test), test_centers=tuple(test),
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
+        dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
         seg_rounds=args.seg_rounds, cls_rounds=args.cls_rounds, synthesis=args.synthesis,
         out_dir=str((Path(args.out) / "federation").resolve()))
     console.print(f"Federation of {len(settings.centers)} simulated sites: train {', '.join(train)}; "
@@ -203,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum")
     p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal weight (with --strategy fedprox)")
     p.add_argument("--fedbn", action="store_true", help="keep normalisation layers local to each site (FedBN)")
+    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                   help="> 0: server-side differential privacy (clipped site updates, Gaussian noise)")
+    p.add_argument("--dp-clipping-norm", type=float, default=1.0, help="L2 bound of each site's update under DP")
     p.add_argument("--seg-rounds", type=int, default=3)
     p.add_argument("--cls-rounds", type=int, default=3)
     p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")

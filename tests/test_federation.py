@@ -75,6 +75,21 @@ def test_reply_whitelist_accepts_weights_and_scalars_only():
         check_reply(RecordDict({"metrics": MetricRecord({f"case-{i}": 0.5 for i in range(100)})}))
 
 
+@pytest.mark.parametrize("name, expected", [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam"),
+                                            ("fedmedian", "FedMedian"), ("fedtrimmedavg", "FedTrimmedAvg"),
+                                            ("krum", "Krum")])
+def test_strategies_by_name_with_optional_server_side_dp(name, expected):
+    from server.strategies import build_strategy
+
+    settings = FederationSettings(strategy=name, proximal_mu=0.01 if name == "fedprox" else 0.0)
+    strategy = build_strategy(settings, 3)
+    assert type(strategy).__name__ == expected and strategy.min_train_nodes == 3
+    private = build_strategy(FederationSettings(strategy=name, proximal_mu=settings.proximal_mu,
+                                                dp_noise_multiplier=0.8, dp_clipping_norm=2.0), 3)
+    assert type(private).__name__ == "DifferentialPrivacyServerSideFixedClipping"
+    assert private.noise_multiplier == 0.8 and private.clipping_norm == 2.0
+
+
 def test_fedbn_keeps_exactly_the_normalisation_layers_local():
     from common.networks import create_model
 

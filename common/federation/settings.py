@@ -28,6 +28,8 @@ class FederationSettings:
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
     fedbn: bool = False
+    dp_noise_multiplier: float = 0.0  # > 0: Flower's server-side DP (fixed clipping + Gaussian noise)
+    dp_clipping_norm: float = 1.0
     seg_model: str = ""  # empty: the profile's segmentation model
     seg_rounds: int = 3
     seg_epochs: int = 1  # local epochs per round
@@ -52,6 +54,8 @@ class FederationSettings:
         for name in ("seg_epochs", "cls_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
+            raise ConfigError("dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
         if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
             raise ConfigError("round-timeout-s and node-wait-s must be > 0")
         unknown = set(self.test_centers) - set(self.centers) if self.centers else set()
