@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 simulate: $(STAMP)
-	$(VENV)/bin/hemex phantoms --cohort paper --seed $(SEED) --out runs/paper-seed$(SEED) --reuse \
-		--preview runs/paper-seed$(SEED)-preview.png
+	$(VENV)/bin/hemex federate --cohort paper --seed $(SEED) --out runs/paper-seed$(SEED)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

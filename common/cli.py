@@ -158,7 +158,7 @@ def cmd_federate(args) -> int:
         spec, _ = load_cohort_spec(args.cohort)
         data = Path(args.out) / f"cohort-{spec.name}-seed{args.seed}"
         cmd_phantoms(argparse.Namespace(cohort=args.cohort, out=str(data), seed=args.seed, workers=None,
-                                        preview=None, reuse=True))
+                                        preview=str(Path(args.out) / "cohort-preview.png"), reuse=True))
         train = split_list(args.train_centers) if args.train_centers else spec.train_centers
         test = split_list(args.test_centers) if args.test_centers else spec.test_centers
     else:
