@@ -56,7 +56,8 @@ class FederatedRun:
             time.sleep(1.0)
         messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info")
                     for n in nodes]
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.node_wait_s) if messages else []
+        # A first message makes each site load its app and libraries: allow a round's timeout.
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout_s) if messages else []
         centers, counts = {}, {}
         for reply in replies:
             if reply.has_error():
@@ -70,8 +71,9 @@ class FederatedRun:
             counts[center] = dict(reply.content["metrics"])
         missing = expected - set(centers)
         if missing:
-            raise ConfigError(f"after waiting {self.settings.node_wait_s:.0f} s, no node for centre(s) "
-                              f"{', '.join(sorted(missing))} (connected: {', '.join(sorted(centers)) or 'none'})")
+            raise ConfigError(f"no node answered for centre(s) {', '.join(sorted(missing))} within node-wait-s / "
+                              f"round-timeout-s (answered: {', '.join(sorted(centers)) or 'none'}; "
+                              f"{len(nodes)} node(s) connected)")
         self.centers = {c: centers[c] for c in self.settings.centers}
         self.report["centers"] = {c: {**counts[c], "role": "test" if c in self.settings.test_centers else "train"}
                                   for c in self.settings.centers}

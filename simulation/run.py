@@ -146,11 +146,19 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
             process.wait()
         report_path = out / "federation.json"
         if process.returncode != 0 or not report_path.is_file():
-            raise HemexError(f"federation failed (flwr exit {process.returncode}); see {log_path}")
+            raise HemexError(f"federation failed ({last_error(log_path) or f'flwr exit {process.returncode}'}); "
+                             f"see {log_path}")
         return json.loads(report_path.read_text())
     finally:
         stop(superlink)
         reap_runtime(port)
+
+
+def last_error(log_path: Path) -> str | None:
+    """The last exception line the ServerApp logged, for a one-line failure message."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines()]
+    errors = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln) and not ln.startswith("File ")]
+    return errors[-1][:300] if errors else None
 
 
 def _toml_value(value) -> str:
