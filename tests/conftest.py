@@ -96,3 +96,14 @@ def cohort(_cohort_template, tmp_path) -> Path:
     """A fresh valid cohort (see build_cohort) for a test to break: a copy of one built per
     session, since writing the images and DICOM series for every test is the slow part."""
     return Path(shutil.copytree(_cohort_template, tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """The built-in `tiny` synthetic cohort (5 centres x 10 cases), generated once per test session.
+    Read-only: a test that breaks files must copy it first."""
+    from common.phantoms.cohort import generate_cohort
+
+    root = tmp_path_factory.mktemp("cohorts") / "tiny"
+    generate_cohort("tiny", root, seed=0)
+    return root

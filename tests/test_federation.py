@@ -17,17 +17,14 @@ from safetensors.torch import load_file
 from common.errors import ConfigError
 from common.federation.records import PrivacyViolation, check_reply, norm_keys
 from common.federation.settings import FederationSettings
-from common.phantoms.cohort import generate_cohort
 from server.grid import StageGrid
 
 CENTERS = ("center1", "center2", "center3", "center4", "center5")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fed") / "tiny"
-    generate_cohort("tiny", root, seed=0)
-    return root
+@pytest.fixture
+def tiny(tiny_cohort) -> Path:
+    return tiny_cohort
 
 
 def settings_for(data: Path, out: Path, **overrides) -> FederationSettings:
@@ -200,11 +197,11 @@ def flower_processes() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def federation(tiny, tmp_path_factory):
+def federation(tiny_cohort, tmp_path_factory):
     from simulation.run import run_local_federation
 
     out = tmp_path_factory.mktemp("fed") / "run"
-    report = run_local_federation(settings_for(tiny, out, cls_rounds=1, synthesis="1:2"))
+    report = run_local_federation(settings_for(tiny_cohort, out, cls_rounds=1, synthesis="1:2"))
     return out, report
 
 

@@ -50,13 +50,6 @@ tilt_deg = 10.0
 """
 
 
-@pytest.fixture(scope="session")
-def tiny_cohort(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cohorts") / "tiny"
-    generate_cohort("tiny", root, seed=0)
-    return root
-
-
 @pytest.fixture
 def micro_config(tmp_path) -> Path:
     path = tmp_path / "micro.toml"
