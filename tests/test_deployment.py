@@ -257,7 +257,8 @@ class Processes:
     def start(self, name: str, command: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
         with open(log, "wb") as handle:
             process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=handle,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.started.append((name, process, log))
         return process
 
@@ -299,6 +300,13 @@ class Processes:
             except subprocess.TimeoutExpired:
                 pass
         return sorted(self.ours())
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if pytest itself is killed (no teardown then)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG, kept across exec
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -384,14 +392,17 @@ def deployment(tmp_path_factory):
         generate_cohort(str(spec), data, seed=0)
         timings["certs+cohort"] = time.monotonic() - started
 
-        # Coordinator: the SuperLink, its state in its own folder.
+        # Coordinator: the SuperLink. Its state is kept in memory here: with the SQLite file a
+        # deployment uses, Flower 1.42 answers 500 "database is locked" once a write waits more
+        # than 5 s (SQLite busy_timeout), which a CPU-starved CI machine can reach, and a failed
+        # ServerApp heartbeat then fails the whole run (seen here under load average ~15).
         port = free_port()
         processes.markers.add(f"127.0.0.1:{port}".encode())
         superlink_log = root / "superlink.log"
         superlink = processes.start(
             "superlink", ["bash", str(SUPERLINK_SCRIPT), "--certs", str(certs), "--host", "127.0.0.1",
                           "--port", str(port), "--state", str(root / "superlink-state"),
-                          "--log-file", str(root / "superlink-file.log")],
+                          "--database", ":flwr-in-memory:", "--log-file", str(root / "superlink-file.log")],
             flower_env(root / "flwr-home"), superlink_log, root)
         watched = [("superlink", superlink, superlink_log)]
         wait_for(lambda: https_health(port, certs / "ca.crt"), 120, "the SuperLink's HTTPS health check", watched)
@@ -453,8 +464,9 @@ def test_federation_over_tls_with_authenticated_supernodes(deployment):
     assert status == {node: "online" for node in deployment["node_ids"].values()}
 
     out = root / "run-out"
-    run_config = {"centers": ",".join(CENTERS), "test-centers": HELD_OUT, "profile": "smoke", "seg-rounds": 1, "cls-rounds": 0,
-                  "out-dir": str(out), "node-wait-s": 120.0, "round-timeout-s": 300.0}
+    # One segmentation round; no classifier stage (cls-rounds=0) to keep it short.
+    run_config = {"centers": ",".join(CENTERS), "test-centers": HELD_OUT, "profile": "smoke", "seg-rounds": 1,
+                  "cls-rounds": 0, "out-dir": str(out), "node-wait-s": 120.0, "round-timeout-s": 300.0}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     started = flwr_json(["run", str(REPO), CONNECTION, "--run-config", overrides], env, root, timeout=300)
     assert started["success"], started
@@ -466,13 +478,16 @@ def test_federation_over_tls_with_authenticated_supernodes(deployment):
     last_check = [0.0]
 
     def finished():
-        if time.monotonic() - last_check[0] < 20 and not report_path.is_file():
+        since = time.monotonic() - last_check[0]
+        if since < 3 or (since < 45 and not report_path.is_file()):
             return None
         last_check[0] = time.monotonic()
         runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env, root)["runs"]
         return runs[0]["status"] if runs and runs[0]["status"].startswith("finished") else None
 
-    status = wait_for(finished, 600, f"run {run_id} to finish", deployment["watched"], interval=1.0)
+    # Measured 6.5-8 min on a 2-core machine under load average ~10 (other jobs); each of the
+    # 10 ClientApp messages starts a fresh Python process that imports torch and MONAI.
+    status = wait_for(finished, 900, f"run {run_id} to finish", deployment["watched"], interval=1.0)
     deployment["timings"]["run"] = time.monotonic() - deployment["started"]
     if status != "finished:completed":
         server_log = flwr(["log", str(run_id), CONNECTION, "--show"], env, root).stdout
@@ -517,7 +532,7 @@ def test_unregistered_supernode_is_refused(deployment):
     except subprocess.TimeoutExpired:
         pytest.fail(f"the unregistered SuperNode was neither refused nor stopped within 180 s:\n{tail(log)}")
     output = log.read_text(errors="replace")
-    assert code != 0
+    assert code == 1  # flwr_exit's status for an error; Flower's own code is in the message
     assert "Failed to activate SuperNode" in output and "Exit Code: 305" in output, output
     assert "SuperNode ID:" not in output
     # The SuperLink refused exactly this key: it logs the rejected public key.
