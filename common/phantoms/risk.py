@@ -66,7 +66,7 @@ def sample_phenotype(rng: np.random.Generator, median_volume_ml: float, log_volu
         black_hole=bool(rng.random() < expit(-2.2 + 0.4 * x)),
         islands=int(min(rng.poisson(0.25 + 0.6 * irregularity), 4)) if volume > 3 else 0,
         ivh=bool(rng.random() < expit(-2.2 + 0.5 * x + ivh_bias)),
-        clot_hu=float(np.clip(rng.normal(57, 6), 42, 80)),
+        clot_hu=float(np.clip(rng.normal(54, 6.5), 40, 80)),
         onset_to_ct_h=float(np.clip(np.exp(rng.normal(np.log(REFERENCE_TIME_H), 0.6)), 0.3, 24.0)),
     )
 
