@@ -45,6 +45,7 @@ from common.training.central import (  # noqa: E402
     validate_model,
 )
 from common.training.checkpoint import build_model, write_json_atomic  # noqa: E402
+from common.training.augment import window_tensor  # noqa: E402
 from common.training.losses import DeepSupervisionDiceCE  # noqa: E402
 from common.training.patches import PatchSampler  # noqa: E402
 from common.training.settings import SegmentationSettings  # noqa: E402
@@ -76,7 +77,7 @@ def cohort_roles(data: Path) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     return (train, test) if train and test else None
 
 
-def timed_training_step(arch: dict, split, settings: SegmentationSettings, seed: int, device) -> float:
+def timed_training_step(arch: dict, split, settings: SegmentationSettings, windows, seed: int, device) -> float:
     """Seconds of one training step (forward, loss, backward) after a warm-up step."""
     torch.manual_seed(seed)
     model = build_model(arch).to(device).train()
@@ -85,8 +86,8 @@ def timed_training_step(arch: dict, split, settings: SegmentationSettings, seed:
     loss_fn = DeepSupervisionDiceCE()
     times = []
     for _ in range(2):
-        images, labels = sampler.batch(settings.batch_size)
-        x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
+        hu, labels = sampler.batch(settings.batch_size)
+        x, y = window_tensor(torch.from_numpy(hu), windows).to(device), torch.from_numpy(labels).long().to(device)
         start = time.perf_counter()
         loss_fn(as_output_list(model(x)), y).backward()
         times.append(time.perf_counter() - start)
@@ -124,17 +125,18 @@ def add_ratios(rows: list[dict]) -> None:
         }
 
 
-def print_table(rows: list[dict], test_centers) -> None:
+def print_tables(rows: list[dict], test_centers) -> None:
+    """Two tables: cost per architecture (with ratios to SegResNet), accuracy per external centre."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Segmentation on external centres (ratios: x {REFERENCE} in this run)")
-    for column in ("model", "centre", "Dice", "IoU", "HD95 mm", "|dV| mL", "|dV| mL (orig.)", "params",
-                   "s/epoch", "s/scan"):
-        table.add_column(column, justify="left" if column in ("model", "centre") else "right")
+    console = Console(width=max(Console().width, 120))  # piped output: do not squeeze to 80 columns
+    cost = Table(title=f"Cost (ratio to {REFERENCE} measured in this run)")
+    for column in ("model", "parameters", "train s/epoch", "inference s/scan", "note"):
+        cost.add_column(column, justify="left" if column in ("model", "note") else "right")
     for row in rows:
         if row["status"] != "trained":
-            table.add_row(row["model"], "skipped", row["reason"], *[""] * 7)
+            cost.add_row(row["model"], "", "", "", f"skipped: {row['reason']}")
             continue
         ratios = row.get(f"ratios_to_{REFERENCE}", {})
 
@@ -142,23 +144,29 @@ def print_table(rows: list[dict], test_centers) -> None:
             text = format(row[key], fmt)
             return f"{text} (x{ratios[key]:.2f})" if key in ratios else text
 
+        cost.add_row(row["model"], with_ratio("parameters", ",d"), with_ratio("train_seconds_per_epoch", ".1f"),
+                     with_ratio("inference_seconds_per_scan", ".2f"),
+                     f"best epoch {row['best_epoch']}, validation Dice {row['val_dice']:.3f}")
+    console.print(cost)
+
+    accuracy = Table(title="External centres: Dice, IoU (mean over cases); HD95, |volume error| (median)")
+    for column in ("model", "centre", "cases", "Dice", "Dice median", "IoU", "HD95 mm", "|dV| mL",
+                   "|dV| mL stored grid"):
+        accuracy.add_column(column, justify="left" if column in ("model", "centre") else "right")
+    for row in rows:
+        if row["status"] != "trained":
+            continue
         for i, center in enumerate([*test_centers, "all"]):
             stats = row["overall"] if center == "all" else row["per_center"][center]
-            table.add_row(
-                row["model"] if i == 0 else "", center,
-                f"{stats['dice']['mean']:.3f} (med {stats['dice']['median']:.3f})",
-                f"{stats['iou']['mean']:.3f}",
-                f"{stats['hd95_mm']['median']:.1f}",
-                f"{stats['abs_vol_err_ml']['median']:.2f}",
-                f"{stats['abs_vol_err_original_ml']['median']:.2f}",
-                with_ratio("parameters", ",d") if i == 0 else "",
-                with_ratio("train_seconds_per_epoch", ".1f") if i == 0 else "",
-                with_ratio("inference_seconds_per_scan", ".2f") if i == 0 else "",
-            )
-        table.add_section()
-    Console().print(table)
-    print("Dice/IoU: mean over cases (Dice median in brackets); HD95 and |dV| (absolute volume error): median; "
-          "'orig.': prediction mapped back onto the stored scan grid vs the stored mask.")
+            accuracy.add_row(row["model"] if i == 0 else "", center, str(stats["dice"]["n"]),
+                             f"{stats['dice']['mean']:.3f}", f"{stats['dice']['median']:.3f}",
+                             f"{stats['iou']['mean']:.3f}", f"{stats['hd95_mm']['median']:.1f}",
+                             f"{stats['abs_vol_err_ml']['median']:.2f}",
+                             f"{stats['abs_vol_err_original_ml']['median']:.2f}")
+        accuracy.add_section()
+    console.print(accuracy)
+    console.print("|dV|: on the working grid; 'stored grid': the prediction mapped back onto the stored scan "
+                  "and compared with the stored mask.")
 
 
 def run(args) -> dict:
@@ -186,7 +194,7 @@ def run(args) -> dict:
         model_settings = SegmentationSettings.from_profile(profile, model=name, epochs=settings.epochs,
                                                            steps_per_epoch=settings.steps_per_epoch)
         arch = model_architecture(model_settings, cache)
-        step_seconds = timed_training_step(arch, split, model_settings, args.seed, device)
+        step_seconds = timed_training_step(arch, split, model_settings, cache.windows, args.seed, device)
         projected_minutes = step_seconds * total_steps / 60
         if args.max_train_minutes and projected_minutes > args.max_train_minutes:
             reason = (f"projected training {projected_minutes:.0f} min ({step_seconds:.1f} s/step x {total_steps} "
@@ -215,7 +223,7 @@ def run(args) -> dict:
         "versions": package_versions(), "models": rows,
     }
     write_json_atomic(Path(args.out), report)
-    print_table(rows, test_centers)
+    print_tables(rows, test_centers)
     print(f"wrote {args.out}")
     return report
 

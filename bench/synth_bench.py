@@ -2,7 +2,11 @@
 
 One run, one budget for every arm:
 
-    arms      none | ukan 1:2 | ukan 1:1 | unet 1:2 | unet 1:1
+    arms      none | ukan 1:2 | ukan 1:1 | unet 1:2 | unet 1:1   (default)
+              controls, on request: copy R (real HE training ROIs repeated to ratio R: plain
+              oversampling, what synthesis must beat) and noise R (smoothed random images with
+              random blob masks labelled HE: separates "more positives / another loss balance"
+              from what the generator actually learnt)
     data      training centres (default center1-3) -> ViT; external centres (center4-5) -> AUC
     generator one per kind, trained on the pooled HE ROIs of the training centres (reference
               masks) for the same number of steps; candidates pass the memorization audit; the
@@ -122,7 +126,21 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- generators
     generators = {}
-    for kind in sorted({g for g, _ in arms if g != "none"}):
+    rng = np.random.default_rng(args.seed)
+    if any(g == "copy" for g, _ in arms):
+        order = rng.permutation(len(he_images))
+        reps = np.resize(order, max_needed)
+        generators["copy"] = {"record": None, "images": he_images[reps], "masks": he_masks[reps]}
+    if any(g == "noise" for g, _ in arms):
+        from scipy.ndimage import gaussian_filter
+
+        noise = gaussian_filter(rng.random((max_needed, he_images.shape[1], cls.pixels, cls.pixels)),
+                                sigma=(0, 0, 2, 2)).astype(np.float32)
+        noise = np.clip((noise - noise.mean()) / (noise.std() + 1e-6) * he_images.std() + he_images.mean(), 0, 1)
+        blobs = gaussian_filter(rng.random((max_needed, cls.pixels, cls.pixels)), sigma=(0, 4, 4))
+        noise_masks = (blobs > np.quantile(blobs, 1 - he_masks.mean())).astype(np.float32)
+        generators["noise"] = {"record": None, "images": noise.astype(np.float32), "masks": noise_masks}
+    for kind in sorted({g for g, _ in arms if g not in ("none", "copy", "noise")}):
         settings = syn.with_overrides(generator=kind)
         log(f"training {kind}: {settings.train_steps} steps of batch {settings.batch_size} on {len(gen_input)} ROIs")
         trained = train_generator(gen_input, settings, seed=args.seed)
@@ -187,7 +205,7 @@ def main(argv=None) -> int:
 
     record = {"data": str(args.data), "train_centers": train_centers, "test_centers": test_centers,
               "profile": args.profile, "seed": args.seed, "classifier": cls.as_dict(), "classifier_steps": steps,
-              "synthesis": syn.as_dict(), "generators": {k: v["record"] for k, v in generators.items()},
+              "synthesis": syn.as_dict(), "generators": {k: v["record"] for k, v in generators.items() if v["record"]},
               "arms": results, "seconds": time.time() - started, "threads": args.threads,
               "external": {"cases": int(len(y_test)), "he": int(y_test.sum())}}
     tmp = out / ".synth_bench.json.tmp"

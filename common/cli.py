@@ -179,6 +179,22 @@ def cmd_federate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from common.inference.bundle import load_bundle
+    from common.inference.predict import predict_inputs
+
+    bundle = load_bundle(Path(args.model))
+    summary = predict_inputs(bundle, Path(args.input), Path(args.out), log=lambda line: print(line, flush=True))
+    ok = len(summary["cases"]) - summary["failed"]
+    print(f"Predicted {ok} of {len(summary['cases'])} case(s) with model {bundle.version}; "
+          f"outputs and summary.json in {args.out}")
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hemex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("predict", help="hematoma mask, volume and HE probability for new NCCT scans "
+                                       "(NIfTI file, DICOM series folder, or a folder of such cases)")
+    p.add_argument("input", help="NIfTI file, DICOM series folder, or a folder of cases (batch)")
+    p.add_argument("--model", required=True, help="model bundle folder (segmentation/, classifier/, manifest.json)")
+    p.add_argument("--out", required=True, help="output folder: one subfolder per case plus summary.json")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from common.cli import main as hemex
-from common.data.preprocess import Geometry, Sample, window_channels
+from common.data.preprocess import AIR_HU, Geometry, Sample, window_channels
 from common.errors import ConfigError, DataError
 from common.networks import create_model
 from common.training import (
@@ -31,6 +31,7 @@ from common.training import (
 from common.training.central import validate_centers
 from common.training.losses import DeepSupervisionDiceCE, deep_supervision_weights, proximal_term
 from common.training.patches import PatchSampler
+from common.training.postprocess import keep_main_lesion
 
 # Small networks keep the fast tests fast; both take sizes divisible by 2 in z and 4 in-plane.
 TINY_UNET = dict(channels=(4, 8, 16), strides=((1, 2, 2), (2, 2, 2)), num_res_units=1)
@@ -99,13 +100,14 @@ def test_patch_sampler_oversamples_foreground(blobs):
     rng = np.random.default_rng(0)
     always = PatchSampler(blobs, (4, 8, 8), 1.0, rng)
     assert all(always.draw()[1].any() for _ in range(50))
-    image, label = PatchSampler(blobs, (4, 8, 8), 0.0, rng).batch(3)
-    assert image.shape == (3, 3, 4, 8, 8) and label.shape == (3, 1, 4, 8, 8)
+    hu, label = PatchSampler(blobs, (4, 8, 8), 0.0, rng).batch(3)
+    assert hu.shape == (3, 1, 4, 8, 8) and label.shape == (3, 1, 4, 8, 8)
 
 
 def test_patch_sampler_pads_volumes_smaller_than_the_patch(blobs):
-    image, label = PatchSampler(blobs[:1], (16, 48, 48), 0.5, np.random.default_rng(0)).draw()
-    assert image.shape == (3, 16, 48, 48) and label.shape == (1, 16, 48, 48)
+    hu, label = PatchSampler(blobs[:1], (16, 48, 48), 0.5, np.random.default_rng(0)).draw()
+    assert hu.shape == (1, 16, 48, 48) and label.shape == (1, 16, 48, 48)
+    assert hu.min() == AIR_HU  # padded with air
 
 
 def test_loss_handles_deep_supervision_levels():
@@ -124,6 +126,17 @@ def test_proximal_term_is_zero_at_the_global_weights_and_grows_away_from_them():
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert proximal_term(model, anchor, 1.0).item() > 0.0
+
+
+def test_keep_main_lesion_keeps_satellites_and_drops_far_blobs():
+    mask = np.zeros((10, 40, 40), np.uint8)
+    mask[4:7, 10:20, 10:20] = 1  # main hematoma
+    mask[5, 12:14, 23:25] = 1  # satellite 4 voxels (8 mm) to its side
+    mask[5, 35:37, 35:37] = 1  # blob ~45 mm away
+    kept = keep_main_lesion(mask, (2.0, 2.0, 5.0), 20.0)
+    assert kept[5, 12, 23] == 1 and kept[5, 35, 35] == 0 and kept[5, 15, 15] == 1
+    assert np.array_equal(keep_main_lesion(mask, (2.0, 2.0, 5.0), 0.0), mask)
+    assert not keep_main_lesion(np.zeros_like(mask), (2.0, 2.0, 5.0), 20.0).any()
 
 
 def test_settings_reject_bad_profile_values():
@@ -310,7 +323,7 @@ def test_a_short_training_segments_hematomas_of_unseen_centres(tiny_cohort):
     torch.manual_seed(0)
     model = create_model("unet", 3, 2)
     train_segmentation(model, train, epochs=1, steps_per_epoch=40, patch_size=(16, 64, 64), seed=0)
-    result = evaluate_segmentation(model, test, (16, 64, 64))
+    result = evaluate_segmentation(model, test, (16, 64, 64), overlap=0.1, satellite_mm=20.0)
     assert set(result["per_center"]) == {"center4", "center5"}
     assert result["overall"]["dice"]["mean"] >= MIN_EXTERNAL_DICE
 

@@ -253,3 +253,10 @@ def test_hemex_synth_end_to_end(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and "torch" in config["versions"]
     assert main(["synth", "--data", str(data), "--center", centre, "--out", str(out), "--ratio", "3:1"]) == 2
+    # No synthesis asked for: no generator is trained, the outputs say so.
+    none = tmp_path / "none"
+    assert main(["synth", "--data", str(data), "--center", centre, "--out", str(none), "--profile", str(profile),
+                 "--ratio", "none"]) == 0
+    audit = json.loads((none / "audit.json").read_text())
+    assert audit["memorization"]["needed"] == 0 and audit["training"] is None
+    assert load_synthetic(none / "synthetic_he.npz")[0].shape == (0, 3, 16, 16)

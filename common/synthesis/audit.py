@@ -146,7 +146,7 @@ class RandomFeatureNet(nn.Module):
     def __init__(self, in_channels: int, width: int = 32, seed: int = 0):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        layers, ch = [], in_channels
+        ch = in_channels
         self.convs = nn.ModuleList()
         for level in range(4):
             out = width * (level + 1)

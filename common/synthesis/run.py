@@ -208,21 +208,27 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
     else:
         train_x, train_y = inputs[he], None
     timings = {}
-    log(f"training {settings.generator} generator on {len(train_x)} ROIs "
-        f"({int(he.sum())} HE from {len(np.unique(rois.groups[he]))} cases), {settings.train_steps} steps")
-    last = [time.perf_counter()]
+    trained = None
+    if n_needed > 0:
+        log(f"training {settings.generator} generator on {len(train_x)} ROIs "
+            f"({int(he.sum())} HE from {len(np.unique(rois.groups[he]))} cases), {settings.train_steps} steps")
+        last = [time.perf_counter()]
 
-    def progress(step, total, loss):
-        if time.perf_counter() - last[0] > 15 or step == total:
-            last[0] = time.perf_counter()
-            log(f"  step {step}/{total} loss {loss:.4f}")
+        def progress(step, total, loss):
+            if time.perf_counter() - last[0] > 15 or step == total:
+                last[0] = time.perf_counter()
+                log(f"  step {step}/{total} loss {loss:.4f}")
 
-    t0 = time.perf_counter()
-    trained = train_generator(train_x, settings, seed=seed, labels=train_y, progress=progress)
-    timings["train_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trained = train_generator(train_x, settings, seed=seed, labels=train_y, progress=progress)
+        timings["train_seconds"] = time.perf_counter() - t0
+    else:
+        log(f"no synthetic samples needed at ratio {settings.ratio} "
+            f"({rois.n_he_cases} HE / {rois.n_nhe_cases} NHE cases): no generator trained")
     n_candidates = int(np.ceil(n_needed * settings.oversample)) if n_needed else 0
     t0 = time.perf_counter()
-    candidates = sample(trained, n_candidates, seed=seed + 1) if n_candidates else np.zeros((0, *inputs.shape[1:]), np.float32)
+    candidates = sample(trained, n_candidates, seed=seed + 1) if n_candidates and trained is not None \
+        else np.zeros((0, *inputs.shape[1:]), np.float32)
     timings["sample_seconds"] = time.perf_counter() - t0
     timings["seconds_per_sample"] = timings["sample_seconds"] / n_candidates if n_candidates else None
     log(f"generated {n_candidates} candidates in {timings['sample_seconds']:.1f} s")
@@ -242,18 +248,22 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
                           "he_rois_used": int(he.sum()), "skipped": rois.skipped},
         "ratio": settings.ratio,
         "memorization": summary,
-        "training": trained.summary(),
+        "training": trained.summary() if trained is not None else None,
         "timing": timings,
     }
     if len(images) >= 2:
-        report["feature_distance"] = feature_distance(real_he, images, seed=0, holdout=holdout)
+        report["feature_distance"] = fd = feature_distance(real_he, images, seed=0, holdout=holdout)
+        if (rois.labels == 0).sum() >= 2:
+            # A scale for the number: the site's own real NHE ROIs against its real HE ROIs (same
+            # scanner, different class). A realistic generator should come no farther than this.
+            fd["real_nhe_vs_real_he"] = feature_distance(real_he, rois.images[rois.labels == 0], seed=0)["real_vs_synthetic"]
     groups = {"real_he": real_he, "synthetic_he": images}
     if (rois.labels == 0).any():
         groups["real_nhe"] = rois.images[rois.labels == 0]
     report["intensity"] = {name: intensity_stats(arr, CHANNEL_NAMES) for name, arr in groups.items()}
     if masks is not None:
         report["mask_fraction"] = {"real_he": float(rois.masks[he].mean()), "synthetic_he": float(masks.mean())}
-    report["parameters"] = count_parameters(trained.model)
+    report["parameters"] = count_parameters(trained.model) if trained is not None else None
     config = {"settings": settings.as_dict(), "seed": seed}
     intermediates = {"candidates": cand_images, "accepted": audit["accepted"], "nearest": audit["nearest"],
                      "real_he": real_he, "trained": trained}

@@ -172,10 +172,11 @@ def train_and_evaluate(arch: dict, split: LoadedSplit, settings: SegmentationSet
         weight_decay=settings.weight_decay, momentum=settings.momentum, schedule=settings.schedule,
         grad_clip=settings.grad_clip, foreground_fraction=settings.foreground_fraction, augment=settings.augment,
         roi_size=settings.inference_roi, sw_overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
-        progress=on_epoch,
+        satellite_mm=settings.satellite_mm, progress=on_epoch,
     )
     evaluation = evaluate_segmentation(model, split.test, settings.inference_roi, overlap=settings.sw_overlap,
-                                       sw_batch_size=settings.sw_batch_size, device=device)
+                                       sw_batch_size=settings.sw_batch_size, device=device,
+                                       satellite_mm=settings.satellite_mm)
     return TrainedModel(model, arch, result, evaluation)
 
 

@@ -11,8 +11,10 @@ Pieces, each usable on its own (a Flower client uses the first four):
   global_params=None)``: trains a ViT in place for a budget of epochs / steps / seconds and returns
   the weights and flat metrics. Slice-level training: every ROI slice carries its case's label.
   Class imbalance: BCE with ``pos_weight`` = negatives / positives over the slices actually
-  trained on (so it tends to 1 once synthetic HE ROIs rebalance the set). Augmentation: flips,
-  small rotations and shifts, a HU calibration offset, Gaussian noise.
+  trained on (so it tends to 1 once synthetic HE ROIs rebalance the set), or a class-balanced
+  sampler. Augmentation: flips, small rotations and shifts, a HU calibration offset, Gaussian
+  noise. Optional auxiliary loss (``aux_weight``): every slice also regresses its case's marker
+  features (volume, density, shape), label-free targets available for every case.
 * ``case_logits(model, rois)``: the patient-level score = **mean of the k slice logits** (test-time
   flips averaged too). Mean logits (a geometric mean of odds) rather than mean probabilities,
   so one confident slice cannot dominate and the score stays on the scale Platt scaling expects.
@@ -100,6 +102,7 @@ class ClassifierSettings:
     val_fraction: float = 0.25  # of every training centre, held out for calibration and threshold
     n_boot: int = 2000
     hypodense_hu: float = 18.0  # marker feature threshold (see common.metrics.markers)
+    aux_weight: float = 0.0  # > 0: auxiliary regression of the case's marker features (see train_classifier)
 
     def __post_init__(self):
         def bad(key, why):
@@ -134,6 +137,8 @@ class ClassifierSettings:
             bad("spacing", "must be three positive mm values (x, y, z) or absent")
         if self.n_boot < 100:
             bad("n_boot", "must be >= 100")
+        if self.aux_weight < 0:
+            bad("aux_weight", "must be >= 0")
 
     @classmethod
     def from_profile(cls, profile: dict, **overrides) -> "ClassifierSettings":
@@ -157,9 +162,16 @@ class ClassifierSettings:
     def in_chans(self) -> int:
         return 3 + int(self.mask_channel)  # three HU windows (common.data.preprocess.DEFAULT_WINDOWS)
 
+    @property
+    def num_outputs(self) -> int:
+        """Output 0 is the HE logit; with aux_weight > 0 one regression output per marker follows."""
+        from common.metrics.markers import MARKER_NAMES
+
+        return 1 + (len(MARKER_NAMES) if self.aux_weight > 0 else 0)
+
     def model_kwargs(self) -> dict:
         return {"img_size": self.pixels, "patch_size": self.patch_size, "in_chans": self.in_chans,
-                "stem": self.stem, "num_classes": 1, "drop_rate": self.drop_rate, "drop_path_rate": self.drop_path_rate}
+                "stem": self.stem, "num_classes": self.num_outputs, "drop_rate": self.drop_rate, "drop_path_rate": self.drop_path_rate}
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -376,6 +388,26 @@ def slice_arrays(train_rois: Sequence[CaseROIs], settings: ClassifierSettings, e
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def aux_arrays(train_rois: Sequence[CaseROIs], aux_targets: dict | None, n_slices: int):
+    """(targets (n_slices, n_markers), known (n_slices,)): the case markers standardised over the
+    training cases, repeated per slice; rows of extra ROIs (after the real slices) are unknown."""
+    from common.metrics.markers import MARKER_NAMES
+
+    if not aux_targets:
+        raise DataError("aux_targets", "classifier.aux_weight > 0 needs the marker features of the training cases")
+    try:
+        per_case = np.array([[aux_targets[key(r)][n] for n in MARKER_NAMES] for r in train_rois], np.float64)
+    except KeyError as err:
+        raise DataError("aux_targets", f"no marker features for {err}") from err
+    per_case = np.nan_to_num(per_case)
+    per_case = (per_case - per_case.mean(0)) / np.where(per_case.std(0) > 1e-8, per_case.std(0), 1.0)
+    rows = np.concatenate([np.repeat(per_case[i:i + 1], len(r.images), axis=0) for i, r in enumerate(train_rois)])
+    targets = np.zeros((n_slices, len(MARKER_NAMES)), np.float32)
+    known = np.zeros(n_slices, np.float32)
+    targets[:len(rows)], known[:len(rows)] = rows, 1.0
+    return torch.from_numpy(targets), torch.from_numpy(known)
+
+
 def augment_batch(x: torch.Tensor, settings: ClassifierSettings, generator: torch.Generator,
                   window_widths: Sequence[float]) -> torch.Tensor:
     """Random flips, rotation (+- rotate_deg), shift (+- shift_px), HU offset and noise.
@@ -426,7 +458,7 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
                      proximal_mu: float = 0.0, global_params: dict[str, torch.Tensor] | None = None, *,
                      settings: ClassifierSettings | None = None, extra_he_masks=None,
                      val_rois: Sequence[CaseROIs] | None = None, windows=DEFAULT_WINDOWS, device="cpu",
-                     schedule_offset: int = 0, schedule_total: int | None = None,
+                     schedule_offset: int = 0, schedule_total: int | None = None, aux_targets: dict | None = None,
                      progress: Callable[[dict], None] | None = None) -> ClassifierResult:
     """Train `model` in place on the k ROI slices of `train_rois` (+ extra synthetic HE ROIs).
 
@@ -441,6 +473,13 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
             (monitoring only: no checkpoint is selected on them).
         schedule_offset, schedule_total: position in a longer learning-rate schedule (federated
             rounds continue one schedule); by default the schedule spans this call.
+        aux_targets: with settings.aux_weight > 0, the marker features per case ("center/case_id"
+            -> ``common.metrics.markers`` features, as ``build_roi_dataset(with_markers=True)``
+            returns them in ``.markers``). Every slice then also regresses its case's markers,
+            standardised over this call's training cases (extra synthetic ROIs have none and only
+            take the HE loss): dense, label-free targets that teach the network shape and density
+            descriptors from every case, not only from the few HE cases. Without aux_targets the
+            auxiliary outputs are left untrained and only the HE loss is used (metrics["aux"] = 0).
 
     Returns ClassifierResult(state, metrics, history); metrics: train_loss, num_examples (cases),
     num_slices, num_extra, pos_weight, steps, epochs, seconds, val_auc (nan without val_rois).
@@ -453,6 +492,9 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
     if n_pos == 0 or n_neg == 0:
         raise DataError("training set", f"needs both classes, got {int(n_pos)} HE and {int(n_neg)} non-HE slices")
     x_all, y_all = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    aux = aux_known = None
+    if settings.aux_weight > 0 and aux_targets is not None:
+        aux, aux_known = aux_arrays(train_rois, aux_targets, len(y_all))
     n = len(y_all)
     batch = min(settings.batch_size, n)
     steps_per_epoch = max(1, n // batch)
@@ -494,8 +536,12 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
         xb, yb = xb.to(device), yb.to(device)
         for group in opt.param_groups:
             group["lr"] = settings.lr * lr_at(schedule_offset + step, schedule_total, settings.warmup_fraction)
-        logits = model(xb).reshape(-1)
-        loss = F.binary_cross_entropy_with_logits(logits, yb, pos_weight=pos_weight.to(device))
+        out = model(xb)
+        loss = F.binary_cross_entropy_with_logits(out[:, 0], yb, pos_weight=pos_weight.to(device))
+        if aux is not None:
+            known = aux_known[idx].to(device)
+            err = (out[:, 1:] - aux[idx].to(device)) ** 2 * known[:, None]
+            loss = loss + settings.aux_weight * err.sum() / max(float(known.sum()) * aux.shape[1], 1.0)
         if anchor is not None:
             loss = loss + proximal_mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
         if not torch.isfinite(loss):
@@ -537,6 +583,7 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
         "epochs": float(step / steps_per_epoch),
         "seconds": time.perf_counter() - start,
         "val_auc": history[-1]["val_auc"] if history else float("nan"),
+        "aux": float(aux is not None),
     }
     return ClassifierResult(cpu_state(final), metrics, history)
 
@@ -553,7 +600,7 @@ def slice_logits(model: nn.Module, x: np.ndarray | torch.Tensor, tta: bool = Tru
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         views = [xb, xb.flip(-1), xb.flip(-2), xb.flip(-1).flip(-2)] if tta else [xb]
-        out.append(torch.stack([model(v).reshape(-1) for v in views]).mean(0).cpu())
+        out.append(torch.stack([model(v)[:, 0] for v in views]).mean(0).cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
@@ -624,11 +671,18 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _strict(value):
@@ -690,8 +744,11 @@ def load_classifier(folder: Path, device="cpu") -> tuple[nn.Module, ClassifierSe
         raise DataError(path, f"cannot read classifier record: {err}") from err
     if record.get("format") != MODEL_FORMAT:
         raise DataError(path, f"not a {MODEL_FORMAT} record")
-    settings = ClassifierSettings(**{**record["settings"], "weights": None,
-                                     "spacing": tuple(record["settings"]["spacing"]) if record["settings"].get("spacing") else None})
+    saved = dict(record["settings"])
+    saved.setdefault("stem", record.get("architecture", {}).get("stem", "patch"))  # records before the conv stem
+    known = {f.name for f in fields(ClassifierSettings)}
+    settings = ClassifierSettings(**{**{k: v for k, v in saved.items() if k in known}, "weights": None,
+                                     "spacing": tuple(saved["spacing"]) if saved.get("spacing") else None})
     model = create_model(settings)
     weights = folder / record["weights"]
     if weights.suffix == ".safetensors":
@@ -835,7 +892,9 @@ def run_train_cls(data_root: Path, train_centers: list[str], test_centers: list[
         if record["epoch"] % 5 == 0 or record["epoch"] == 1:
             _log(f"  epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  {record['seconds']:.0f} s", quiet)
 
-    result = train_classifier(model, fit_rois, budget, seed, settings=settings, windows=windows, progress=report)
+    markers_all = {k: v for c in train_centers for k, v in datasets[c].markers.items()}
+    result = train_classifier(model, fit_rois, budget, seed, settings=settings, windows=windows,
+                              aux_targets=markers_all, progress=report)
     calib_rois = held_rois if held_rois else fit_rois
     z_cal = case_logits(model, calib_rois, settings)
     y_cal = np.array([r.he for r in calib_rois], int)
@@ -988,7 +1047,9 @@ def _fmt_auc(entry: dict | None) -> str:
     if not entry or entry.get("auc") is None or (isinstance(entry.get("auc"), float) and not math.isfinite(entry["auc"])):
         return "n/a"
     lo, hi = entry["auc_ci_delong"]
-    blo, bhi = entry.get("auc_ci_bootstrap", [float("nan")] * 2)
+    if "auc_ci_bootstrap" not in entry:
+        return f"{entry['auc']:.3f} ({lo:.3f}-{hi:.3f})"
+    blo, bhi = entry["auc_ci_bootstrap"]
     return f"{entry['auc']:.3f} ({lo:.3f}-{hi:.3f}; boot {blo:.3f}-{bhi:.3f})"
 
 
@@ -1011,7 +1072,7 @@ def print_summary(metrics: dict) -> None:
         t = ext["vit"][g].get("at_threshold")
         if t:
             print(f"vit @ {t['threshold']:.3f} ({g}): sens {t['sensitivity']:.2f} spec {t['specificity']:.2f} "
-                  f"PPV {t['ppv'] if t['ppv'] == t['ppv'] else float('nan'):.2f} NPV {t['npv']:.2f}"
+                  f"PPV {t['ppv']:.2f} NPV {t['npv']:.2f}"
                   + (f"  Brier {ext['vit'][g]['brier']:.3f}" if 'brier' in ext['vit'][g] else ""))
     for g, comp in metrics.get("comparisons", {}).items():
         c = comp["vit_vs_volume"]

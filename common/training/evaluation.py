@@ -32,10 +32,10 @@ def original_grid_volume_ml(pred: np.ndarray, sample: Sample) -> float:
 
 
 def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float, sw_batch_size: int,
-                  device) -> dict:
+                  device, satellite_mm: float = 0.0) -> dict:
     start = time.perf_counter()
     pred = predict_mask(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, device=device,
-                        name=f"{sample.center}/{sample.case_id}")
+                        name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing, satellite_mm=satellite_mm)
     seconds = time.perf_counter() - start
     record = {"center": sample.center, "case_id": sample.case_id,
               **segmentation_metrics(pred, sample.mask, sample.spacing), "inference_seconds": seconds}
@@ -48,9 +48,11 @@ def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float,
 
 
 def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, overlap: float = 0.25,
-                          sw_batch_size: int = 4, device="cpu",
+                          sw_batch_size: int = 4, device="cpu", satellite_mm: float = 0.0,
                           progress: Callable[[int, int], None] | None = None) -> dict:
     """Predict every sample (all must have masks) and summarise.
+
+    Inference seconds per case include the post-processing (`satellite_mm`, see `predict_mask`).
 
     Returns {"per_case": [...], "per_center": {centre: {metric: stats}}, "overall": {...}},
     stats as in `common.metrics.segmentation.summarize`.
@@ -60,7 +62,7 @@ def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, 
         if sample.mask is None:
             raise ValueError(f"{sample.center}/{sample.case_id} has no reference mask to evaluate against")
         per_case.append(evaluate_case(model, sample, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
-                                      device=device))
+                                      device=device, satellite_mm=satellite_mm))
         if progress is not None:
             progress(done, len(samples))
     centers = sorted({r["center"] for r in per_case})

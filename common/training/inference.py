@@ -16,6 +16,7 @@ from torch import nn
 
 from common.errors import DataError
 from common.networks import main_output
+from common.training.postprocess import keep_main_lesion
 
 
 def required_multiple(model: nn.Module) -> tuple[int, int, int]:
@@ -61,6 +62,16 @@ def predict_probabilities(model: nn.Module, image, roi_size, *, overlap: float =
         model.train(was_training)
 
 
-def predict_mask(model: nn.Module, image, roi_size, **kwargs) -> np.ndarray:
-    """Hematoma mask (z, y, x) uint8: voxels where the hematoma class wins."""
-    return (predict_probabilities(model, image, roi_size, **kwargs) > 0.5).astype(np.uint8)
+def predict_mask(model: nn.Module, image, roi_size, *, spacing=None, satellite_mm: float = 0.0,
+                 **kwargs) -> np.ndarray:
+    """Hematoma mask (z, y, x) uint8: voxels where the hematoma class wins.
+
+    With `satellite_mm` > 0 (and the volume's `spacing` (x, y, z) mm), only the main lesion
+    and components within that distance of it are kept (see `postprocess.keep_main_lesion`).
+    """
+    mask = (predict_probabilities(model, image, roi_size, **kwargs) > 0.5).astype(np.uint8)
+    if satellite_mm > 0:
+        if spacing is None:
+            raise ValueError("satellite_mm needs the volume's spacing (x, y, z) in mm")
+        mask = keep_main_lesion(mask, spacing, satellite_mm)
+    return mask

@@ -11,25 +11,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.preprocess import Sample
+from common.data.preprocess import AIR_HU, Sample
 
 
 @dataclass
 class PaddedVolume:
     """A training volume padded to at least the patch size, with its hematoma voxels listed."""
 
-    image: np.ndarray  # (C, z, y, x) float32
+    hu: np.ndarray  # (z, y, x) float32 HU: augmentation works in HU, windows come after
     label: np.ndarray  # (z, y, x) uint8
     foreground: np.ndarray  # (N, 3) int indices of hematoma voxels
 
 
-def pad_to_patch(image: np.ndarray, label: np.ndarray, patch: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (symmetrically, with 0 = air in every HU window) so each axis is >= the patch."""
+def pad_to_patch(hu: np.ndarray, label: np.ndarray, patch: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (symmetrically, with air) so each axis is at least the patch size."""
     extra = [max(0, p - s) for p, s in zip(patch, label.shape)]
     if not any(extra):
-        return image, label
+        return hu, label
     widths = [(e // 2, e - e // 2) for e in extra]
-    return np.pad(image, [(0, 0)] + widths), np.pad(label, widths)
+    return np.pad(hu, widths, constant_values=AIR_HU), np.pad(label, widths)
 
 
 class PatchSampler:
@@ -45,11 +45,11 @@ class PatchSampler:
         for sample in samples:
             if sample.mask is None:
                 raise ValueError(f"case {sample.case_id} has no mask; filter unlabeled cases before training")
-            image, label = pad_to_patch(sample.image, sample.mask, self.patch)
-            self.volumes.append(PaddedVolume(image, label, np.argwhere(label > 0)))
+            hu, label = pad_to_patch(sample.hu, sample.mask, self.patch)
+            self.volumes.append(PaddedVolume(hu, label, np.argwhere(label > 0)))
 
     def draw(self) -> tuple[np.ndarray, np.ndarray]:
-        """One patch: image (C, pz, py, px) float32 and label (1, pz, py, px) uint8."""
+        """One patch: HU (1, pz, py, px) float32 and label (1, pz, py, px) uint8."""
         volume = self.volumes[self.rng.integers(len(self.volumes))]
         shape = volume.label.shape
         wants_foreground = self.rng.random() < self.foreground_fraction and len(volume.foreground)
@@ -60,7 +60,7 @@ class PatchSampler:
         else:
             start = [int(self.rng.integers(s - p + 1)) for p, s in zip(self.patch, shape)]
         region = tuple(slice(b, b + p) for b, p in zip(start, self.patch))
-        return volume.image[(slice(None),) + region], volume.label[region][None]
+        return volume.hu[region][None], volume.label[region][None]
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         patches = [self.draw() for _ in range(size)]

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data.preprocess import Sample
+from common.data.preprocess import DEFAULT_WINDOWS, Sample, window_channels
 from common.metrics.segmentation import segmentation_metrics
 from common.networks import as_output_list
-from common.training.augment import augment_batch, build_augmentation
+from common.training.augment import augment_batch, build_augmentation, window_tensor
 from common.training.inference import check_volume, predict_mask
 from common.training.losses import DeepSupervisionDiceCE, proximal_term
 from common.training.patches import PatchSampler
@@ -69,14 +69,33 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 def validation_dice(model: nn.Module, samples: list[Sample], roi_size, *, overlap: float, sw_batch_size: int,
-                    device) -> float:
+                    device, satellite_mm: float = 0.0) -> float:
     """Mean per-case Dice of whole-volume predictions on the working grid."""
     scores = []
     for sample in samples:
         pred = predict_mask(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
-                            device=device, name=f"{sample.center}/{sample.case_id}")
+                            device=device, name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing,
+                            satellite_mm=satellite_mm)
         scores.append(segmentation_metrics(pred, sample.mask, sample.spacing)["dice"])
     return float(np.mean(scores))
+
+
+def sample_windows(samples: list[Sample]) -> tuple:
+    """The HU windows the samples' image channels were made with.
+
+    Training draws HU patches, augments them and windows them again, so the windows must be
+    the ones inference will see in `Sample.image`. SampleCache records them in `meta`;
+    other samples are checked against the default windows on one slice.
+    """
+    recorded = {tuple(map(tuple, s.meta["windows"])) for s in samples if "windows" in s.meta}
+    if len(recorded) > 1:
+        raise ValueError(f"samples were preprocessed with different HU windows: {sorted(recorded)}")
+    windows = recorded.pop() if recorded else tuple(DEFAULT_WINDOWS)
+    probe = samples[0]
+    if not np.allclose(window_channels(probe.hu[:1], windows), probe.image[:, :1], atol=1e-4):
+        raise ValueError(f"{probe.center}/{probe.case_id}: image channels are not the HU windows {windows}; "
+                         "record the windows in Sample.meta['windows']")
+    return windows
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -110,6 +129,7 @@ def train_segmentation(
     roi_size=None,
     sw_overlap: float = 0.25,
     sw_batch_size: int = 4,
+    satellite_mm: float = 0.0,
     restore_best: bool = True,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
@@ -125,6 +145,7 @@ def train_segmentation(
         schedule_offset, schedule_total: where this call sits in a longer schedule, in steps
             (a federated client continues the global learning-rate schedule across rounds);
             by default the schedule spans this call.
+        roi_size, sw_overlap, sw_batch_size, satellite_mm: validation inference (see `predict_mask`).
         progress: called after every epoch with that epoch's record.
 
     Returns a TrainResult; `metrics` holds train_loss, val_dice (NaN without validation),
@@ -138,14 +159,16 @@ def train_segmentation(
     multiple = getattr(model, "required_multiple", (1, 1, 1))
     if any(p % m for p, m in zip(patch_size, multiple)):
         raise ValueError(f"patch size {patch_size} must be a multiple of the model's {tuple(multiple)} per axis")
-    in_channels = getattr(model, "in_channels", train_samples[0].image.shape[0] if train_samples else 0)
+    if not train_samples:
+        raise ValueError("no training samples")
+    in_channels = getattr(model, "in_channels", train_samples[0].image.shape[0])
     for sample in list(train_samples) + list(val_samples or []):
         check_volume(sample.image, in_channels, f"{sample.center}/{sample.case_id}")
-
+    windows = sample_windows(train_samples)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     sampler = PatchSampler(train_samples, patch_size, foreground_fraction, rng)
-    transforms = build_augmentation(seed) if augment else None
+    transforms = build_augmentation(seed, windows) if augment else None
     model.to(device)
     model.train()
     loss_fn = DeepSupervisionDiceCE()
@@ -153,6 +176,9 @@ def train_segmentation(
     anchor = None
     if proximal_mu > 0:
         source = global_params if global_params is not None else dict(model.named_parameters())
+        missing = [name for name, _ in model.named_parameters() if name not in source]
+        if missing:
+            raise ValueError(f"global_params lacks {len(missing)} model parameter(s), e.g. {missing[0]!r}")
         anchor = {name: torch.as_tensor(source[name]).detach().to(device, copy=True)
                   for name, _ in model.named_parameters()}
     total_steps = schedule_total or epochs * steps_per_epoch
@@ -166,11 +192,11 @@ def train_segmentation(
         for _ in range(steps_per_epoch):
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(schedule, schedule_offset + step, total_steps)
-            images, labels = sampler.batch(batch_size)
+            hu, labels = sampler.batch(batch_size)
             if transforms is not None:
-                x, y = augment_batch(transforms, images, labels)
+                x, y = augment_batch(transforms, hu, labels)
             else:
-                x, y = torch.from_numpy(images), torch.from_numpy(labels).long()
+                x, y = window_tensor(torch.from_numpy(hu), windows), torch.from_numpy(labels).long()
             x, y = x.to(device), y.to(device)
             loss = loss_fn(as_output_list(model(x)), y)
             if anchor is not None:
@@ -189,7 +215,8 @@ def train_segmentation(
         if validate:
             val_start = time.perf_counter()
             record["val_dice"] = validation_dice(model, val_samples, roi, overlap=sw_overlap,
-                                                 sw_batch_size=sw_batch_size, device=device)
+                                                 sw_batch_size=sw_batch_size, device=device,
+                                                 satellite_mm=satellite_mm)
             record["val_seconds"] = time.perf_counter() - val_start
             if record["val_dice"] > best_dice:
                 best_dice, best_epoch, best_state = record["val_dice"], epoch, cpu_state(model)

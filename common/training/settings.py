@@ -38,6 +38,7 @@ class SegmentationSettings:
     sw_overlap: float = 0.25  # sliding-window overlap at inference
     sw_batch_size: int = 4
     roi_size: tuple[int, int, int] | None = None  # inference window; None = patch_size
+    satellite_mm: float = 0.0  # > 0: keep the main lesion and components this close to it (postprocess.py)
 
     def __post_init__(self):
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -60,6 +61,8 @@ class SegmentationSettings:
             raise ConfigError(f"segmentation.val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ConfigError(f"segmentation.sw_overlap must be in [0, 1), got {self.sw_overlap}")
+        if self.satellite_mm < 0:
+            raise ConfigError(f"segmentation.satellite_mm must be >= 0, got {self.satellite_mm}")
         if self.max_val_cases < 0:
             raise ConfigError(f"segmentation.max_val_cases must be >= 0, got {self.max_val_cases}")
 

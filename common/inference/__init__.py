@@ -1,0 +1,1 @@
+"""Clinical inference: portable model bundles (checksummed) and `hemex predict` on NIfTI / DICOM."""

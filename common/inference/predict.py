@@ -1,0 +1,262 @@
+"""`hemex predict`: hematoma mask, volume and HE risk for new NCCT scans (NIfTI or DICOM series).
+
+Per case, in OUT_DIR:
+    mask.nii.gz   hematoma mask (uint8) on the ORIGINAL image grid (size, spacing, origin and
+                  direction of the input), written atomically
+    result.json   volume_ml, probability, band, threshold, model_version, warnings, timing
+    report.png    up to 4 axial slices through the hematoma (brain window, mask outlined)
+
+Pipeline: read -> canonical orientation (LPS) -> working spacing of the bundle -> sliding-window
+segmentation -> mask mapped back to the original grid (nearest neighbour) -> volume in mL counted
+on that grid -> classifier ROIs centred on the predicted mask (classifier's own grid) ->
+patient-level logit -> the bundle's calibration -> probability -> risk band.
+
+Risk bands around the bundle's operating threshold t (fixed on the training centres'
+validation cases by the federation; 0.5 when the bundle has none):
+    low           p <  t - 0.10
+    intermediate  t - 0.10 <= p < t + 0.10   (too close to the operating point to call)
+    high          p >= t + 0.10
+The 0.10 margin (BAND_MARGIN) is a fixed probability distance, not a fitted quantity.
+
+Warnings: "no hematoma found" (empty predicted mask: probability and band are null); "slice
+thickness X mm outside the training range" when the bundle's preprocessing records
+slice_thickness_mm = [min, max] (bundles without it are not checked); a missing threshold.
+Batch mode writes OUT/<case>/... per case and OUT/summary.json.
+
+DICOM SEG output (highdicom) is not written: highdicom is not installed in this environment.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from common.data.io import read_ct, write_image
+from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
+from common.errors import DataError, HemexError
+from common.inference.bundle import Bundle
+from common.training.classification import write_json
+
+BAND_MARGIN = 0.10
+DEFAULT_THRESHOLD = 0.5
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NO_HEMATOMA = "no hematoma found"
+
+
+def volume_ml(mask: sitk.Image) -> float:
+    """Volume of the nonzero voxels in mL, counted on the mask's own grid."""
+    count = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    return count * float(np.prod(mask.GetSpacing())) / 1000.0
+
+
+def risk_band(probability: float | None, threshold: float, margin: float = BAND_MARGIN) -> str | None:
+    if probability is None:
+        return None
+    if probability < threshold - margin:
+        return "low"
+    if probability < threshold + margin:
+        return "intermediate"
+    return "high"
+
+
+def case_name(path: Path) -> str:
+    path = Path(path)
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def load_input(path: Path, case_id: str) -> tuple[sitk.Image, Sample]:
+    """(original image, native-spacing sample in canonical orientation; no window channels:
+    the working grids compute their own)."""
+    image = read_ct(path)
+    original = Geometry.of(image)
+    canonical = to_canonical(image)
+    hu = sitk.GetArrayFromImage(canonical).astype(np.float32)
+    sample = Sample(case_id, "predict", np.empty((0, *hu.shape), np.float32),
+                    hu, None, tuple(canonical.GetSpacing()), original, Geometry.of(canonical))
+    return image, sample
+
+
+def _thickness_warning(image: sitk.Image, bundle: Bundle) -> str | None:
+    """A warning when the scan's slice spacing (third image axis) lies outside the bundle's
+    preprocessing["slice_thickness_mm"] = [min, max]; bundles without that range get no check."""
+    thickness = float(image.GetSpacing()[2])
+    bounds = bundle.preprocessing.get("slice_thickness_mm")
+    if bounds:
+        low, high = float(bounds[0]), float(bounds[1])
+        if not low - 1e-3 <= thickness <= high + 1e-3:
+            return f"slice thickness {thickness:.2f} mm outside the training range {low:g}-{high:g} mm"
+    return None
+
+
+def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
+    """Predict one case (NIfTI file or DICOM series folder); writes mask.nii.gz, result.json and
+    report.png into `out_dir` and returns the result record."""
+    import torch
+
+    from common.data.roi import extract_rois
+    from common.training.classification import case_logits
+    from common.training.inference import predict_mask
+
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    timing, warnings = {}, []
+    started = time.perf_counter()
+    image, native = load_input(input_path, case_name(input_path))
+    working = resample_sample(native, bundle.spacing, bundle.windows)
+    timing["load_s"] = time.perf_counter() - started
+
+    t = time.perf_counter()
+    pre = bundle.preprocessing
+    mask = predict_mask(bundle.seg_model, working.image, tuple(pre["roi_size"]), spacing=working.spacing,
+                        satellite_mm=float(pre.get("satellite_mm", 0.0)), overlap=float(pre.get("sw_overlap", 0.25)),
+                        sw_batch_size=int(pre.get("sw_batch_size", 4)), name=str(input_path))
+    mask_original = to_original_grid(mask.astype(np.uint8), working.working, native.original, is_mask=True)
+    mask_native = sitk.GetArrayFromImage(to_original_grid(mask.astype(np.uint8), working.working, native.working))
+    volume = volume_ml(mask_original)
+    timing["segment_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    threshold = bundle.threshold
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD
+        warnings.append(f"bundle has no operating threshold; using {DEFAULT_THRESHOLD}")
+    probability = None
+    if not mask_native.any():
+        warnings.append(NO_HEMATOMA)
+    else:
+        settings = bundle.cls_settings
+        cls_sample, cls_mask = native, mask_native
+        if settings.spacing is not None:
+            cls_sample = resample_sample(native, settings.spacing, bundle.windows)
+            cls_mask = sitk.GetArrayFromImage(to_original_grid(mask.astype(np.uint8), working.working,
+                                                               cls_sample.working))
+        if cls_mask.any():
+            rois = extract_rois(cls_sample, cls_mask, k=settings.k_slices, size_mm=settings.size_mm,
+                                pixels=settings.pixels, windows=bundle.windows)
+            with torch.no_grad():
+                logit = case_logits(bundle.classifier, [rois], settings)[0]
+            probability = float(bundle.calibration(logit))
+        else:
+            warnings.append(NO_HEMATOMA)
+    timing["classify_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    thickness = _thickness_warning(image, bundle)
+    if thickness:
+        warnings.append(thickness)
+    if volume == 0 and NO_HEMATOMA not in warnings:
+        warnings.append(NO_HEMATOMA)
+    result = {"case": case_name(input_path), "input": str(input_path), "volume_ml": round(volume, 3),
+              "probability": None if probability is None else round(probability, 4),
+              "band": risk_band(probability, threshold), "threshold": threshold,
+              "band_margin": BAND_MARGIN, "model_version": bundle.version, "warnings": warnings,
+              "input_geometry": {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
+                                 "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())},
+              "outputs": {"mask": "mask.nii.gz", "report": "report.png"}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_image(mask_original, out_dir / "mask.nii.gz")
+    write_report(native.hu, mask_native, native.spacing, out_dir / "report.png",
+                 title=f"{result['case']}: hematoma {volume:.1f} mL, HE probability "
+                       + ("n/a" if probability is None else f"{probability:.2f} ({result['band']})"))
+    timing["write_s"] = time.perf_counter() - t
+    timing["total_s"] = time.perf_counter() - started
+    result["timing"] = {k: round(v, 3) for k, v in timing.items()}
+    write_json(out_dir / "result.json", result)
+    return result
+
+
+def report_slices(mask: np.ndarray, n: int = 4) -> list[int]:
+    """Up to n axial slices spread over the hematoma (or over the volume when there is none)."""
+    area = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    candidates = np.flatnonzero(area) if area.any() else np.arange(mask.shape[0])
+    if len(candidates) <= n:
+        return [int(z) for z in candidates]
+    picks = np.linspace(0, len(candidates) - 1, n).round().astype(int)
+    return sorted({int(candidates[i]) for i in picks})
+
+
+def write_report(hu: np.ndarray, mask: np.ndarray, spacing, path: Path, title: str) -> Path:
+    """Axial slices (canonical grid: anterior up, patient right on the left) in a brain window
+    (level 40, width 80 HU) with the mask outlined in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slices = report_slices(mask)
+    fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.6), squeeze=False)
+    aspect = float(spacing[1]) / float(spacing[0])
+    for ax, z in zip(axes[0], slices):
+        ax.imshow(hu[z], cmap="gray", vmin=0, vmax=80, aspect=aspect, interpolation="nearest")
+        if mask[z].any():
+            ax.contour(mask[z].astype(float), levels=[0.5], colors="red", linewidths=1.0)
+        ax.set_title(f"slice {z}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=90)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    """A folder of plain files (no NIfTI, no subfolders) is read as one DICOM series."""
+    children = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return bool(children) and not any(p.is_dir() or p.name.endswith(NIFTI_SUFFIXES) for p in children)
+
+
+def find_cases(input_path: Path) -> list[Path]:
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise DataError(input_path, "input not found")
+    if input_path.is_file() or _is_dicom_series(input_path):
+        return [input_path]
+    cases = sorted(p for p in input_path.iterdir() if not p.name.startswith(".")
+                   and (p.is_dir() or p.name.endswith(NIFTI_SUFFIXES)))
+    if not cases:
+        raise DataError(input_path, "no NIfTI files or DICOM series folders found")
+    return cases
+
+
+def predict_inputs(bundle: Bundle, input_path: Path, out: Path, log=None) -> dict:
+    """Batch prediction: INPUT is a NIfTI file, a DICOM series folder, or a folder of such cases.
+    Each case goes to OUT/<case name>/; OUT/summary.json lists every case with its result or its
+    one-line error (a broken case does not stop the others)."""
+    out = Path(out)
+    cases = find_cases(input_path)
+    summary = {"model_version": bundle.version, "input": str(input_path), "cases": {}, "failed": 0}
+    for case in cases:
+        name = case_name(case)
+        try:
+            result = predict_case(bundle, case, out / name)
+            summary["cases"][name] = {"status": "ok", "volume_ml": result["volume_ml"],
+                                      "probability": result["probability"], "band": result["band"],
+                                      "warnings": result["warnings"]}
+        except Exception as err:  # noqa: BLE001 - one broken case must not stop the batch
+            if isinstance(err, HemexError):
+                line = str(err)
+            else:
+                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+                line = f"{case}: {type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+            summary["cases"][name] = {"status": "error", "error": line}
+            summary["failed"] += 1
+        if log:
+            entry = summary["cases"][name]
+            log(f"{name}: " + (entry["error"] if entry["status"] == "error" else
+                               f"{entry['volume_ml']:.1f} mL, probability "
+                               f"{'n/a' if entry['probability'] is None else format(entry['probability'], '.2f')}"
+                               + (f" ({'; '.join(entry['warnings'])})" if entry["warnings"] else "")))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,176 @@
+"""hemex predict: bundle checksums, mask back on the original grid, volume, batch with a broken case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common.data import io
+from common.errors import DataError
+from common.inference.bundle import load_bundle, write_manifest, write_untrained_bundle
+from common.inference.predict import predict_case, predict_inputs, risk_band, volume_ml
+
+
+def head_ct(size=(48, 48, 8), spacing=(1.0, 1.0, 5.0), origin=(-23.5, -23.5, 0.0), direction=None):
+    nx, ny, nz = size
+    z, y, x = np.mgrid[0:nz, 0:ny, 0:nx]
+    radius = ((x - (nx - 1) / 2) / (0.45 * nx)) ** 2 + ((y - (ny - 1) / 2) / (0.4 * ny)) ** 2
+    blob = ((x - nx // 2 - 6) ** 2 + (y - ny // 2) ** 2 <= 36) & (np.abs(z - nz // 2) <= 1)
+    hu = np.full((nz, ny, nx), -1000.0, dtype=np.float32)
+    hu[radius <= 1.0] = 1000.0
+    hu[radius <= 0.75] = 30.0
+    hu[blob] = 65.0
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    return write_untrained_bundle(tmp_path_factory.mktemp("bundle") / "model", "smoke",
+                                  preprocessing={"slice_thickness_mm": [1.0, 5.0]})
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+def assert_same_grid(a: sitk.Image, b: sitk.Image):
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+    assert np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    assert np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def check_outputs(out: Path, source: sitk.Image, bundle):
+    mask = sitk.ReadImage(str(out / "mask.nii.gz"))
+    assert_same_grid(mask, source)
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    result = json.loads((out / "result.json").read_text())
+    assert result["volume_ml"] == pytest.approx(volume_ml(mask), abs=1e-3)
+    assert result["model_version"] == bundle.version
+    assert result["threshold"] == 0.5
+    if result["probability"] is None:
+        assert "no hematoma found" in result["warnings"] and result["band"] is None
+    else:
+        assert 0 <= result["probability"] <= 1 and result["band"] in ("low", "intermediate", "high")
+    assert (out / "report.png").stat().st_size > 1000
+    assert set(result["timing"]) >= {"load_s", "segment_s", "classify_s", "write_s"}
+    return result
+
+
+def test_nifti_ras_mask_on_original_grid(bundle, tmp_path):
+    ras = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS voxel order in SimpleITK's LPS terms
+    path = tmp_path / "ras_case.nii.gz"
+    io.write_image(head_ct(direction=ras, origin=(40.0, 30.0, -12.0)), path)
+    source = io.read_ct(path)
+    result = predict_case(bundle, path, tmp_path / "out")
+    check_outputs(tmp_path / "out", source, bundle)
+    assert result["case"] == "ras_case"
+
+
+def test_dicom_series_mask_on_original_grid(bundle, tmp_path):
+    series = tmp_path / "dicom_case"
+    io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 6.0)), series, "P001")
+    source = io.read_ct(series)
+    result = predict_case(bundle, series, tmp_path / "out")
+    check_outputs(tmp_path / "out", source, bundle)
+    assert any("slice thickness 6.00 mm outside the training range" in w for w in result["warnings"])
+
+
+def test_volume_ml_of_a_known_phantom():
+    array = np.zeros((8, 20, 20), np.uint8)
+    array[2:6, 5:15, 5:15] = 1  # 400 voxels
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.5, 5.0))  # 1.25 mm^3 per voxel
+    assert volume_ml(mask) == pytest.approx(0.5)
+    mask.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))  # orientation does not change a volume
+    assert volume_ml(mask) == pytest.approx(0.5)
+
+
+def test_risk_bands():
+    assert risk_band(None, 0.4) is None
+    assert risk_band(0.25, 0.4) == "low"
+    assert risk_band(0.35, 0.4) == "intermediate"
+    assert risk_band(0.45, 0.4) == "intermediate"
+    assert risk_band(0.5, 0.4) == "high"
+
+
+def test_batch_with_a_broken_case(bundle, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    io.write_image(head_ct(), cases / "good1.nii.gz")
+    io.write_dicom_series(head_ct(), cases / "good2", "P002")
+    (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
+    summary = predict_inputs(bundle, cases, tmp_path / "out")
+    assert summary["failed"] == 1
+    assert summary["cases"]["good1"]["status"] == "ok" and summary["cases"]["good2"]["status"] == "ok"
+    error = summary["cases"]["broken"]["error"]
+    assert "broken.nii.gz" in error and "\n" not in error
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["cases"]["broken"]["status"] == "error"
+    for name in ("good1", "good2"):
+        assert (tmp_path / "out" / name / "mask.nii.gz").is_file()
+    assert not (tmp_path / "out" / "broken" / "mask.nii.gz").exists()
+
+
+def test_cli_predict(bundle_dir, tmp_path, capsys):
+    from common.cli import main
+
+    path = tmp_path / "one.nii.gz"
+    io.write_image(head_ct(size=(40, 40, 6)), path)
+    assert main(["predict", str(path), "--model", str(bundle_dir), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "one" / "result.json").is_file()
+    assert main(["predict", str(tmp_path / "missing.nii.gz"), "--model", str(bundle_dir),
+                 "--out", str(tmp_path / "out2")]) == 2
+    assert "input not found" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def copy_bundle(bundle_dir, tmp_path):
+    import shutil
+
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, target)
+    return target
+
+
+def test_tampered_weights_are_named(copy_bundle):
+    weights = copy_bundle / "segmentation" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"segmentation/model\.safetensors: SHA-256 checksum mismatch"):
+        load_bundle(copy_bundle)
+
+
+def test_missing_file_and_unknown_format(copy_bundle):
+    (copy_bundle / "classifier" / "classifier.json").unlink()
+    with pytest.raises(DataError, match=r"classifier/classifier\.json: missing"):
+        load_bundle(copy_bundle)
+    manifest = copy_bundle / "manifest.json"
+    manifest.write_text(json.dumps({"format": "something-else/9", "files": {}}))
+    with pytest.raises(DataError, match="unknown bundle format"):
+        load_bundle(copy_bundle)
+    manifest.unlink()
+    with pytest.raises(DataError, match="manifest.json: missing"):
+        load_bundle(copy_bundle)
+
+
+def test_write_manifest_lists_every_file(copy_bundle):
+    write_manifest(copy_bundle, {"centers": ["center1", "center2"], "rounds": {"seg": 3}, "version": "v-test"},
+                   {"spacing": [4.0, 4.0, 5.0], "roi_size": [8, 32, 32]})
+    manifest = json.loads((copy_bundle / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"segmentation/model.safetensors", "segmentation/model.json",
+                                      "classifier/classifier.safetensors", "classifier/classifier.json"}
+    assert manifest["preprocessing"]["windows"]  # taken from the classifier record
+    loaded = load_bundle(copy_bundle)
+    assert loaded.version == "v-test" and loaded.manifest["provenance"]["centers"] == ["center1", "center2"]
