@@ -16,6 +16,7 @@ from common import __version__
 from common.config import load_profile
 from common.errors import ConfigError
 from common.federation import binned
+from common.inference.bundle import write_manifest
 from common.federation.records import to_record
 from common.federation.settings import FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
@@ -175,6 +176,13 @@ class FederatedRun:
                              "threshold": operating_point["threshold"],
                              "train_centers": list(self.settings.train_centers), "rounds": self.settings.cls_rounds,
                              "seed": self.settings.seed})
+            # Checksums, preprocessing and provenance: what `hemex predict` verifies and needs.
+            write_manifest(bundle, {"profile": self.profile["name"], "centers": list(self.settings.train_centers),
+                                    "held_out": list(self.settings.test_centers), "seed": self.settings.seed,
+                                    "seg_rounds": self.settings.seg_rounds, "cls_rounds": self.settings.cls_rounds,
+                                    "strategy": self.settings.strategy, "synthesis": self.settings.synthesis,
+                                    "cases": {c: info.get("num-cases") for c, info in self.report["centers"].items()
+                                              if c in self.settings.train_centers}})
         self.report["timing"]["total_seconds"] = time.time() - started
         self.report["versions"] = {"hemex": __version__, **package_versions()}
         write_json(self.out / "federation.json", self.report)

@@ -229,6 +229,9 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
         assert cls["final"][center]["num-examples"] + cls["final"][center]["num-excluded"] == 10
         assert 0.0 <= cls["final"][center]["brier"] <= 1.0
     assert (out / "model" / "classifier" / "classifier.safetensors").is_file()
+    from common.inference.bundle import load_bundle
+
+    load_bundle(out / "model")  # the bundle `hemex predict` loads: every checksum verifies
     assert json.loads((out / "config.json").read_text())["run_config"]["seed"] == 0
     assert flower_processes() == []
 
