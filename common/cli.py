@@ -56,7 +56,11 @@ def cmd_train_cls(args) -> int:
     from common.training.classification import run_train_cls
 
     overrides = {"epochs": args.epochs, "steps": args.steps, "max_seconds": args.max_seconds}
-    run_train_cls(Path(args.data), args.train_centers, args.test_centers, Path(args.out), profile=args.profile,
+    def centers(values: list[str]) -> list[str]:  # "A,B,C" (as every other command) or "A B C"
+        return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+    run_train_cls(Path(args.data), centers(args.train_centers), centers(args.test_centers), Path(args.out),
+                  profile=args.profile,
                   seed=args.seed, mask_source=args.mask_source, overrides=overrides, threads=args.threads)
     print(f"Wrote metrics.json, config.json, classifier weights, predictions and plots to {args.out}")
     return 0
