@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -146,8 +145,8 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
                     raise HemexError(f"federation exceeded {timeout_s:.0f} s; see {log_path}")
             process.wait()
         # `flwr run --stream` can stop streaming early on a busy SuperLink while the run goes on.
-        wait_for_run_end(flwr_home, deadline, log_path, superlink)
         report_path = out / "federation.json"
+        wait_for_run_end(port, report_path, deadline)
         if process.returncode != 0 or not report_path.is_file():
             raise HemexError(f"federation failed ({last_error(log_path) or f'flwr exit {process.returncode}'}); "
                              f"see {log_path}")
@@ -157,20 +156,11 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
         reap_runtime(port)
 
 
-def wait_for_run_end(flwr_home: Path, deadline: float, log_path: Path, superlink: subprocess.Popen) -> None:
-    """Poll `flwr ls` on our private SuperLink (one run only) until the run has finished."""
-    while time.monotonic() < deadline and superlink.poll() is None:
-        listing = subprocess.run([str(BIN_DIR / "flwr"), "ls", CONNECTION, "--format", "json"],
-                                 env=flower_env(flwr_home), capture_output=True, text=True, timeout=120)
-        statuses = re.findall(r'"status"\s*:\s*"([^"]+)"', listing.stdout)
-        if statuses and all(s.startswith("finished") for s in statuses):
-            return
-        if listing.returncode != 0 and not statuses:
-            with open(log_path, "a") as handle:
-                handle.write(f"flwr ls failed: {listing.stdout[-500:]}{listing.stderr[-500:]}\n")
-        time.sleep(5)
-    if superlink.poll() is None:
-        raise HemexError(f"federation did not finish before its deadline; see {log_path}")
+def wait_for_run_end(port: int, report_path: Path, deadline: float) -> None:
+    """Wait while the simulation runtime of our SuperLink is still working and has not written
+    its report: `flwr run --stream` can stop streaming early on a busy SuperLink."""
+    while time.monotonic() < deadline and not report_path.is_file() and runtime_pids(port):
+        time.sleep(2)
 
 
 def last_error(log_path: Path) -> str | None:
