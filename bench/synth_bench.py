@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-steps", type=int, default=None, help="generator training steps (default: profile)")
     parser.add_argument("--cls-steps", type=int, default=None, help="ViT optimizer steps per arm (default: profile epochs "
                         "on the real set, converted to steps)")
-    parser.add_argument("--arms", default="none,ukan:1:2,ukan:1:1,unet:1:2,unet:1:1")
+    parser.add_argument("--arms", default="none,ukan:1:2,ukan:1:1,unet:1:2,unet:1:1",
+                        help="comma-separated arms: none | GEN:RATIO with GEN ukan, unet, copy or noise; a '#N' suffix "
+                             "trains that arm's classifier with seed + N (e.g. none#1: the seed-to-seed spread)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/bench-synth")
     args = parser.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     from common.synthesis.ratio import synthetic_needed
     from common.synthesis.settings import synthesis_settings
     from common.training.classification import (Budget, ClassifierSettings, build_roi_dataset, case_logits,
-                                                create_model, train_classifier)
+                                                create_model, seed_everything, train_classifier)
 
     started = time.time()
     out = Path(args.out)
@@ -93,8 +95,10 @@ def main(argv=None) -> int:
     test_centers = [c for c in args.test_centers.split(",") if c]
     arms = []
     for spec in args.arms.split(","):
+        spec, _, offset = spec.partition("#")  # "none#1": the same arm with classifier seed + 1
         parts = spec.split(":")
-        arms.append(("none", "none") if parts[0] == "none" else (parts[0], ":".join(parts[1:])))
+        arm = ("none", "none") if parts[0] == "none" else (parts[0], ":".join(parts[1:]))
+        arms.append((*arm, int(offset or 0)))
 
     # ---------------------------------------------------------------- ROIs (the classifier's own)
     cohort = read_cohort(Path(args.data), train_centers + test_centers)
@@ -120,18 +124,18 @@ def main(argv=None) -> int:
         if syn.with_mask else gen_images
     n_he_slices = int(y_train.sum()) * k
     n_nhe_slices = int((y_train == 0).sum()) * k
-    needed = {ratio: synthetic_needed(n_he_slices, n_nhe_slices, ratio) for _, ratio in arms}
+    needed = {ratio: synthetic_needed(n_he_slices, n_nhe_slices, ratio) for _, ratio, _ in arms}
     max_needed = max(needed.values())
     log(f"synthetic ROIs needed: {needed} (HE {n_he_slices} / NHE {n_nhe_slices} slices)")
 
     # ---------------------------------------------------------------- generators
     generators = {}
     rng = np.random.default_rng(args.seed)
-    if any(g == "copy" for g, _ in arms):
+    if any(g == "copy" for g, _, _ in arms):
         order = rng.permutation(len(he_images))
         reps = np.resize(order, max_needed)
         generators["copy"] = {"record": None, "images": he_images[reps], "masks": he_masks[reps]}
-    if any(g == "noise" for g, _ in arms):
+    if any(g == "noise" for g, _, _ in arms):
         from scipy.ndimage import gaussian_filter
 
         noise = gaussian_filter(rng.random((max_needed, he_images.shape[1], cls.pixels, cls.pixels)),
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
         blobs = gaussian_filter(rng.random((max_needed, cls.pixels, cls.pixels)), sigma=(0, 4, 4))
         noise_masks = (blobs > np.quantile(blobs, 1 - he_masks.mean())).astype(np.float32)
         generators["noise"] = {"record": None, "images": noise.astype(np.float32), "masks": noise_masks}
-    for kind in sorted({g for g, _ in arms if g not in ("none", "copy", "noise")}):
+    for kind in sorted({g for g, _, _ in arms if g not in ("none", "copy", "noise")}):
         settings = syn.with_overrides(generator=kind)
         log(f"training {kind}: {settings.train_steps} steps of batch {settings.batch_size} on {len(gen_input)} ROIs")
         trained = train_generator(gen_input, settings, seed=args.seed)
@@ -174,17 +178,18 @@ def main(argv=None) -> int:
     steps = args.cls_steps or cls.steps or cls.epochs * max(1, real_slices // min(cls.batch_size, real_slices))
     results = []
     scores = {}
-    for kind, ratio in arms:
-        name = "none" if kind == "none" else f"{kind} {ratio}"
+    for kind, ratio, offset in arms:
+        name = ("none" if kind == "none" else f"{kind} {ratio}") + (f" (seed +{offset})" if offset else "")
         extra = extra_masks = None
         n_extra = 0
         if kind != "none":
             n_extra = min(needed[ratio], len(generators[kind]["images"]))
             extra = generators[kind]["images"][:n_extra]
             extra_masks = generators[kind]["masks"][:n_extra]
+        seed_everything(args.seed + offset)  # the same initial weights in every arm of a seed
         model = create_model(cls, windows)
         t0 = time.time()
-        result = train_classifier(model, train.cases, Budget(steps=steps), seed=args.seed, extra_he_rois=extra,
+        result = train_classifier(model, train.cases, Budget(steps=steps), seed=args.seed + offset, extra_he_rois=extra,
                                   extra_he_masks=extra_masks, settings=cls, windows=windows)
         z = case_logits(model, test.cases, cls)
         scores[name] = z

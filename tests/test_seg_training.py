@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from common.cli import main as hemex
+from common.config import load_profile
 from common.data.preprocess import AIR_HU, Geometry, Sample, window_channels
 from common.errors import ConfigError, DataError
 from common.networks import create_model
@@ -39,10 +40,10 @@ TINY_UMAMBA = dict(features=(4, 8, 16), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)
                    n_blocks_decoder=1)
 PATCH = (8, 32, 32)
 
-# A U-Net trained for the slow test's budget reaches ~0.8 mean Dice on the tiny cohort's
-# external centres; 0.6 leaves room for thread-count noise while proving it learned the
-# hematoma (a model predicting nothing, or the whole brain, scores ~0).
-MIN_EXTERNAL_DICE = 0.6
+# The slow test's CPU-profile-sized U-Mamba, 120 steps, scored 0.73 mean Dice on the held-out
+# cases (1 thread, busy machine); 0.5 leaves room for thread-count and platform noise while
+# proving it learned the hematoma (predicting nothing, or all bright tissue, scores ~0).
+MIN_EXTERNAL_DICE = 0.5
 
 
 def blob_sample(case_id: str, seed: int, shape=(12, 40, 40), center="synthetic") -> Sample:
@@ -65,12 +66,9 @@ def blob_sample(case_id: str, seed: int, shape=(12, 40, 40), center="synthetic")
 
 
 @pytest.fixture(autouse=True)
-def one_thread_for_small_tensors(request):
-    """Fast tests run single-threaded: their tiny tensors gain nothing from a second thread,
-    and on a busy CI machine thread hand-offs dominated their run time."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+def one_thread():
+    """Single-threaded torch: small tensors gain little from a second thread, and on a busy
+    2-core machine thread hand-offs made the tests several times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -258,6 +256,14 @@ def test_loading_another_architecture_or_size_names_the_difference(tmp_path):
         load_checkpoint(tmp_path, expected=architecture("unet", 3, 2, wider))
 
 
+def test_runtime_settings_do_not_block_loading(tmp_path):
+    arch = architecture("umamba-bot", 3, 2, dict(TINY_UMAMBA, mamba_backend="auto"))
+    save_checkpoint(tmp_path, build_model(arch).state_dict(), arch)
+    cpu_site = architecture("umamba-bot", 3, 2, dict(TINY_UMAMBA, mamba_backend="mambapy", deep_supervision=False))
+    model, _ = load_checkpoint(tmp_path, expected=cpu_site)
+    assert model.deep_supervision is False
+
+
 def test_weights_that_do_not_fit_their_record_are_reported(tmp_path):
     arch = architecture("unet", 3, 2, TINY_UNET)
     save_checkpoint(tmp_path, build_model(architecture("unet", 3, 2, dict(TINY_UNET, channels=(8, 16, 32))))
@@ -319,10 +325,13 @@ def test_a_short_training_segments_hematomas_of_unseen_centres(tiny_cohort):
     cohort = read_cohort(tiny_cohort)
     cache = SampleCache((2.0, 2.0, 5.0))
     train = cache.load(c for k in ("center1", "center2", "center3") for c in cohort[k])
-    test = cache.load(c for k in ("center4", "center5") for c in cohort[k])
+    test = cache.load(c for k in ("center4", "center5") for c in cohort[k][:5])
     torch.manual_seed(0)
-    model = create_model("unet", 3, 2)
-    train_segmentation(model, train, epochs=1, steps_per_epoch=40, patch_size=(16, 64, 64), seed=0)
+    cpu_umamba = SegmentationSettings.from_profile(load_profile("cpu"), model="umamba-bot").model_overrides
+    model = create_model("umamba-bot", 3, 2, **cpu_umamba)
+    # A short budget: a high learning rate, half the patches on hematomas, no augmentation.
+    train_segmentation(model, train, epochs=1, steps_per_epoch=120, patch_size=(16, 64, 64), lr=1e-2, seed=0,
+                       foreground_fraction=0.5, augment=False)
     result = evaluate_segmentation(model, test, (16, 64, 64), overlap=0.1, satellite_mm=20.0)
     assert set(result["per_center"]) == {"center4", "center5"}
     assert result["overall"]["dice"]["mean"] >= MIN_EXTERNAL_DICE

@@ -150,6 +150,9 @@ def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") ->
     os.close(handle)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -261,7 +264,7 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
     if (rois.labels == 0).any():
         groups["real_nhe"] = rois.images[rois.labels == 0]
     report["intensity"] = {name: intensity_stats(arr, CHANNEL_NAMES) for name, arr in groups.items()}
-    if masks is not None:
+    if masks is not None and len(masks):
         report["mask_fraction"] = {"real_he": float(rois.masks[he].mean()), "synthetic_he": float(masks.mean())}
     report["parameters"] = count_parameters(trained.model) if trained is not None else None
     config = {"settings": settings.as_dict(), "seed": seed}

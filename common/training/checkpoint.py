@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -45,30 +45,40 @@ def build_model(arch: dict) -> nn.Module:
     return create_model(arch["model"], arch["in_channels"], arch["out_channels"], **arch["config"])
 
 
+# How a network runs, not which weights it has: U-Mamba's Mamba backend (mamba_ssm kernels and
+# mambapy share parameter names) and whether deep-supervision outputs are returned (the heads
+# always exist). A checkpoint loads whatever these are; the requested values win.
+RUNTIME_SETTINGS = frozenset({"mamba_backend", "mamba_pscan", "deep_supervision"})
+
+
 def architecture_differences(saved: dict, requested: dict) -> list[str]:
     """Human-readable 'key: saved -> requested' for every differing architecture setting."""
     saved, requested = _plain_json(saved), _plain_json(requested)
     diffs = [f"{k}: {saved.get(k)!r} -> {requested.get(k)!r}" for k in ("model", "in_channels", "out_channels")
              if saved.get(k) != requested.get(k)]
     s_cfg, r_cfg = saved.get("config", {}), requested.get("config", {})
-    diffs += [f"{k}: {s_cfg.get(k)!r} -> {r_cfg.get(k)!r}" for k in sorted(set(s_cfg) | set(r_cfg))
+    diffs += [f"{k}: {s_cfg.get(k)!r} -> {r_cfg.get(k)!r}" for k in sorted((set(s_cfg) | set(r_cfg)) - RUNTIME_SETTINGS)
               if s_cfg.get(k) != r_cfg.get(k)]
     return diffs
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A unique hidden name beside `path` (same folder, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_json_atomic(path: Path, payload) -> None:
     """Write JSON to a temporary sibling, then rename (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_sibling(path)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with open(tmp, "w") as handle:
             json.dump(_strict_json(payload), handle, indent=2, allow_nan=False, default=_json_default)
             handle.write("\n")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _strict_json(value):
@@ -95,16 +105,14 @@ def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], arch: dict, in
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_NAME
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temporary_sibling(weights)
     try:
         # safetensors refuses shared or strided storage: store contiguous copies.
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp,
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp),
                   metadata={"format": FORMAT, "architecture": json.dumps(_plain_json(arch))})
         os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     write_json_atomic(folder / RECORD_NAME, {"format": FORMAT, "architecture": _plain_json(arch), **(info or {})})
     return weights
 
@@ -126,7 +134,8 @@ def load_checkpoint(folder: Path, expected: dict | None = None, device="cpu") ->
     """Rebuild the saved network and load its weights; returns (model, record).
 
     With `expected` (an `architecture(...)` record), a checkpoint of another architecture or
-    size raises ConfigError naming the differing settings before any weight is touched.
+    size raises ConfigError naming the differing settings before any weight is touched, and
+    the expected runtime settings (e.g. the Mamba backend of this machine) are used.
     """
     folder = Path(folder)
     record = read_record(folder)
@@ -136,6 +145,8 @@ def load_checkpoint(folder: Path, expected: dict | None = None, device="cpu") ->
         if diffs:
             raise ConfigError(f"{folder}: checkpoint architecture differs from the requested one "
                               f"(saved -> requested): {'; '.join(diffs)}")
+        runtime = {k: v for k, v in _plain_json(expected).get("config", {}).items() if k in RUNTIME_SETTINGS}
+        saved = {**saved, "config": {**saved["config"], **runtime}}
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise DataError(weights, "missing checkpoint weights")
