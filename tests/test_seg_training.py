@@ -1,13 +1,12 @@
 """Segmentation training: patches, loss, training call, inference checks, checkpoints, train-seg.
 
 Fast tests use small in-memory volumes; the tests marked slow train on the tiny synthetic
-cohort (generated once per session) and run `hemex train-seg` end to end.
+cohort (conftest's session fixture) and run `hemex train-seg` end to end.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,13 +306,7 @@ def test_train_seg_bad_settings_are_one_line_errors(cohort, tmp_path, capsys, ex
 # --- on the tiny synthetic cohort (slow) ---------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_cohort(tmp_path_factory) -> Path:
-    from common.phantoms.cohort import generate_cohort
-
-    root = tmp_path_factory.mktemp("seg_tiny") / "data"
-    generate_cohort("tiny", root, seed=0)
-    return root
+# `tiny_cohort` (the built-in tiny cohort, generated once per session) comes from conftest.py.
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@
 
 Submodules: ``settings`` (profile [segmentation] section), ``patches`` (foreground-oversampled
 patches), ``augment``, ``losses`` (deep-supervised DiceCE, FedProx term), ``inference``
-(sliding windows), ``evaluation``, ``checkpoint`` (safetensors + architecture JSON) and
-``central`` (the `hemex train-seg` run).
+(sliding windows), ``postprocess`` (main lesion + satellites), ``evaluation``, ``checkpoint``
+(safetensors + architecture JSON) and ``central`` (the `hemex train-seg` run).
 """
 
 from common.training.checkpoint import architecture, build_model, load_checkpoint, save_checkpoint
