@@ -106,7 +106,8 @@ def evaluate_seg(message: Message, context: Context) -> Message:
     metrics = {"num-examples": len(cases)}
     if cases:
         evaluation = evaluate_segmentation(model, site.cache.load(cases), site.seg.inference_roi,
-                                           overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size)
+                                           overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size,
+                                           satellite_mm=site.seg.satellite_mm)
         overall = evaluation["overall"]
         metrics.update({"dice": overall["dice"]["mean"], "iou": overall["iou"]["mean"],
                         "hd95-mm": _finite(overall["hd95_mm"]["median"]),
@@ -186,7 +187,8 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
 
     def provide(sample):
         working = resample_sample(sample, site.cache.spacing, site.cache.windows)
-        pred = predict_mask(model, working.image, site.seg.inference_roi, overlap=site.seg.sw_overlap,
+        pred = predict_mask(model, working.image, site.seg.inference_roi, spacing=working.spacing,
+                            satellite_mm=site.seg.satellite_mm, overlap=site.seg.sw_overlap,
                             sw_batch_size=site.seg.sw_batch_size)
         back = to_original_grid(pred.astype(np.uint8), working.working, sample.working, is_mask=True)
         return sitk.GetArrayFromImage(back)
