@@ -72,7 +72,7 @@ def cohort_roles(data: Path) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     record_path = data / "cohort.json"
     if not record_path.is_file():
         return None
-    config = json.loads(record_path.read_text()).get("config", {})
+    config = json.loads(record_path.read_text(encoding="utf-8")).get("config", {})
     train, test = tuple(config.get("train_centers", ())), tuple(config.get("test_centers", ()))
     return (train, test) if train and test else None
 

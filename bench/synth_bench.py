@@ -214,11 +214,11 @@ def main(argv=None) -> int:
               "arms": results, "seconds": time.time() - started, "threads": args.threads,
               "external": {"cases": int(len(y_test)), "he": int(y_test.sum())}}
     tmp = out / ".synth_bench.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n", encoding="utf-8")
     os.replace(tmp, out / "synth_bench.json")
     table = markdown(record)
     tmp = out / ".synth_bench.md.tmp"
-    tmp.write_text(table)
+    tmp.write_text(table, encoding="utf-8")
     os.replace(tmp, out / "synth_bench.md")
     print(table)
     return 0

@@ -22,7 +22,7 @@ def cmd_phantoms(args) -> int:
     spec, _ = load_cohort_spec(args.cohort)
     record_path = out / "cohort.json"
     if args.reuse and record_path.is_file():
-        record = json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("cohort") == spec.name and record.get("seed") == args.seed:
             console.print(f"Reusing cohort {spec.name!r} (seed {args.seed}) at {out}")
             print_cohort_summary(record, console)

@@ -35,12 +35,12 @@ class ServerCheckpoints:
         path = self.folder / f"{stage}.json"
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
         weights = load_file(str(self.folder / record["weights"]))
         return int(record["round"]), to_record(weights), record
 
     @staticmethod
     def _write_json(path: Path, payload: dict) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=float))
+        tmp.write_text(json.dumps(payload, indent=2, default=float), encoding="utf-8")
         os.replace(tmp, path)

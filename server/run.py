@@ -248,7 +248,7 @@ def summarize_round(entry: dict) -> str:
 
 def write_json(path: Path, payload) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -37,7 +37,7 @@ def write_flower_config(flwr_home: Path, port: int) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
 
 
 def flower_env(flwr_home: Path) -> dict:
@@ -45,7 +45,9 @@ def flower_env(flwr_home: Path) -> dict:
     # The SuperLink starts the simulation runtime by name: it must find this environment's.
     env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_DISABLE_UPDATE_CHECK="1", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+               FLWR_DISABLE_UPDATE_CHECK="1", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1",
+               # Flower and Ray print non-ASCII; sites may run under a C or ASCII locale.
+               PYTHONIOENCODING="utf-8")
     return env
 
 
@@ -130,11 +132,12 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
     superlink = start_superlink(flwr_home, port, out / "superlink.log")
     try:
         log_path = out / "flower.log"
-        with open(log_path, "w") as flower_log:
+        with open(log_path, "w", encoding="utf-8") as flower_log:
             command = [str(BIN_DIR / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
                        "--run-config", overrides, "--federation-config", federation]
             process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, cwd=out, start_new_session=True)
+                                       stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                                       cwd=out, start_new_session=True)
             deadline = time.monotonic() + timeout_s
             for line in process.stdout:
                 flower_log.write(line)
@@ -150,7 +153,7 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
         if process.returncode != 0 or not report_path.is_file():
             raise HemexError(f"federation failed ({last_error(log_path) or f'flwr exit {process.returncode}'}); "
                              f"see {log_path}")
-        return json.loads(report_path.read_text())
+        return json.loads(report_path.read_text(encoding="utf-8"))
     finally:
         stop(superlink)
         reap_runtime(port)

@@ -40,7 +40,7 @@ def synthetic_head_ct(size=(24, 24, 6), spacing=(0.9, 0.9, 5.0), origin=(0.0, 0.
 def write_cases(path: Path, rows: list[dict], header=CASES_HEADER) -> None:
     """Write a cases.csv; missing columns in a row are left empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -74,8 +74,8 @@ def build_cohort(root: Path) -> Path:
     io.write_dicom_series(image, root / "B/images/b2", "b2")
     write_cases(root / "B/cases.csv", [{"case_id": "b1", "he": "1"}, {"case_id": "b2", "he": "0"}],
                 header=["case_id", "he"])
-    (root / "truth.csv").write_text("center,case_id,he\n")
-    (root / "README.md").write_text("synthetic test cohort\n")
+    (root / "truth.csv").write_text("center,case_id,he\n", encoding="utf-8")
+    (root / "README.md").write_text("synthetic test cohort\n", encoding="utf-8")
     (root / ".DS_Store").write_bytes(b"\0")
     return root
 

@@ -33,12 +33,12 @@ def assert_clean(root: Path) -> None:
 
 def set_line(table: Path, line: int, text: str) -> None:
     """Replace (or, one past the end, append) a 1-based line of a CSV file."""
-    lines = table.read_text().splitlines()
+    lines = table.read_text(encoding="utf-8").splitlines()
     if line == len(lines) + 1:
         lines.append(text)
     else:
         lines[line - 1] = text
-    table.write_text("\n".join(lines) + "\n")
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def head_array(head_ct) -> np.ndarray:
@@ -98,7 +98,7 @@ def test_run_check_exit_code_0_on_valid_cohort(cohort):
 
 def test_run_check_exit_code_1_and_one_line_per_problem(cohort):
     (cohort / "A/images/a3.nii.gz").unlink()
-    (cohort / "notes.txt").write_text("x")
+    (cohort / "notes.txt").write_text("x", encoding="utf-8")
     problems, summaries = check_data_root(cohort)
     out = StringIO()
     assert run_check(cohort, Console(file=out, width=120, color_system=None)) == 1
@@ -122,7 +122,7 @@ def test_report_prints_paths_with_brackets_verbatim():
 
 def test_root_not_a_folder(tmp_path):
     root = tmp_path / "file.txt"
-    root.write_text("x")
+    root.write_text("x", encoding="utf-8")
     problems, summaries = check_data_root(root)
     assert [(p.path, p.reason) for p in problems] == [(str(root), "data root is not a folder")]
     assert summaries == []
@@ -134,19 +134,19 @@ def test_root_missing(tmp_path):
 
 
 def test_root_without_centres(tmp_path):
-    (tmp_path / "truth.csv").write_text("x\n")
+    (tmp_path / "truth.csv").write_text("x\n", encoding="utf-8")
     assert_only(tmp_path, str(tmp_path), "no centre folders")
 
 
 @pytest.mark.parametrize("name", ["notes.txt", "cases.csv", "A.nii.gz"])
 def test_unknown_file_at_root(cohort, name):
-    (cohort / name).write_text("x")
+    (cohort / name).write_text("x", encoding="utf-8")
     assert_only(cohort, name, "unknown file at DATA_ROOT")
 
 
 @pytest.mark.parametrize("name", ["README", "README.txt", ".hidden", ".A"])
 def test_allowed_or_hidden_root_entries(cohort, name):
-    (cohort / name).write_text("x")
+    (cohort / name).write_text("x", encoding="utf-8")
     assert_clean(cohort)
 
 
@@ -170,7 +170,7 @@ def test_unreadable_or_empty_cases_csv(cohort, content, phrase):
 
 def test_cases_csv_with_only_a_header(cohort):
     (cohort / "C/images").mkdir(parents=True)
-    (cohort / "C/cases.csv").write_text("case_id,he\n")
+    (cohort / "C/cases.csv").write_text("case_id,he\n", encoding="utf-8")
     assert_only(cohort, "C/cases.csv", "no case rows")
 
 
@@ -185,7 +185,7 @@ def test_missing_required_column(cohort, header, missing):
 
 
 def test_duplicate_column(cohort):
-    (cohort / "B/cases.csv").write_text("case_id,he,he\nb1,1,1\nb2,0,0\n")
+    (cohort / "B/cases.csv").write_text("case_id,he,he\nb1,1,1\nb2,0,0\n", encoding="utf-8")
     assert_only(cohort, "B/cases.csv", "duplicate column(s): he")
 
 
@@ -217,21 +217,21 @@ def test_bad_case_id(cohort, case_id, phrase):
 
 def test_line_numbers_count_blank_lines(cohort):
     table = cohort / "A/cases.csv"
-    table.write_text("case_id,he,onset_to_ct_h,followup_volume_ml\n\na1,1,,\na2,x,,\na3,,,\n")
+    table.write_text("case_id,he,onset_to_ct_h,followup_volume_ml\n\na1,1,,\na2,x,,\na3,,,\n", encoding="utf-8")
     assert_only(cohort, "A/cases.csv:4", "he must be 1, 0 or empty")
 
 
 @pytest.mark.parametrize("entry, is_dir", [("notes.txt", False), ("Images", True), ("cases_old.csv", False)])
 def test_unknown_entry_in_centre(cohort, entry, is_dir):
     path = cohort / "A" / entry
-    path.mkdir() if is_dir else path.write_text("x")
+    path.mkdir() if is_dir else path.write_text("x", encoding="utf-8")
     assert_only(cohort, f"A/{entry}", "unknown entry")
 
 
 def test_hidden_entries_are_ignored(cohort):
-    (cohort / "A/.DS_Store").write_text("x")
-    (cohort / "A/images/.a1.nii.gz.1234.tmp.nii.gz").write_text("x")
-    (cohort / "A/masks/._a1.nii.gz").write_text("x")
+    (cohort / "A/.DS_Store").write_text("x", encoding="utf-8")
+    (cohort / "A/images/.a1.nii.gz.1234.tmp.nii.gz").write_text("x", encoding="utf-8")
+    (cohort / "A/masks/._a1.nii.gz").write_text("x", encoding="utf-8")
     assert_clean(cohort)
 
 
@@ -242,7 +242,7 @@ def test_missing_images_folder_is_reported_once(cohort):
 
 def test_masks_must_be_a_folder(cohort):
     shutil.rmtree(cohort / "A/masks")
-    (cohort / "A/masks").write_text("x")
+    (cohort / "A/masks").write_text("x", encoding="utf-8")
     assert_only(cohort, "A/masks", "must be a folder")
 
 
@@ -418,7 +418,7 @@ def test_reports_every_problem_not_just_the_first(cohort):
     set_line(cohort / "A/cases.csv", 2, "a1,maybe,,")
     (cohort / "A/images/a3.nii.gz").unlink()
     (cohort / "B/cases.csv").unlink()
-    (cohort / "stray.txt").write_text("x")
+    (cohort / "stray.txt").write_text("x", encoding="utf-8")
     problems, summaries = check_data_root(cohort)
     assert [p.path for p in problems] == ["stray.txt", "A/cases.csv:2", "A/cases.csv:4", "B/cases.csv"]
     assert [s.center for s in summaries] == ["A", "B"]

@@ -226,16 +226,16 @@ def test_train_cls_end_to_end_on_the_tiny_cohort(tmp_path):
     subprocess.run([sys.executable, "-m", "common.cli", "phantoms", "--cohort", "tiny", "--out", str(data),
                     "--seed", "0"], check=True, capture_output=True)
     profile = tmp_path / "cls-test.toml"
-    profile.write_text(TEST_PROFILE)
+    profile.write_text(TEST_PROFILE, encoding="utf-8")
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "common.cli", "train-cls", "--data", str(data),
                            "--train-centers", "center1", "center2", "center3", "--test-centers", "center4", "center5",
                            "--out", str(out), "--profile", str(profile), "--seed", "0", "--threads", "1"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "External evaluation" in done.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["seed"] == 0 and config["versions"]["torch"] and config["classifier"]["pixels"] == 32
     assert set(metrics["external"]) == {"vit", "volume", "markers"}
     for name in ("vit", "volume", "markers"):

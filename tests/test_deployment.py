@@ -149,7 +149,7 @@ def test_node_keys_are_secp384r1_in_openssh_format_and_flower_accepts_them(pki):
         assert private_bytes.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
         private = serialization.load_ssh_private_key(private_bytes, password=None)
         assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-        public_text = public_path.read_text()
+        public_text = public_path.read_text(encoding="utf-8")
         assert public_text.startswith("ecdsa-sha2-nistp384 ") and public_text.rstrip().endswith(f"hemex-{node}")
         public = serialization.load_ssh_public_key(public_path.read_bytes())
         assert public.public_numbers() == private.public_key().public_numbers()
@@ -237,7 +237,7 @@ def _proc_table() -> dict[int, tuple[int, bytes]]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = (entry / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
             if fields[0] == "Z":
                 continue
             table[int(entry.name)] = (int(fields[1]), (entry / "cmdline").read_bytes())
@@ -324,7 +324,7 @@ def _signal_pid(pid: int, sig: int) -> None:
 
 
 def flwr(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=timeout)
 
 
@@ -383,11 +383,11 @@ def deployment(tmp_path_factory):
         # Development PKI through the real command; "rogue" gets a key that is never registered.
         certs = root / "pki"
         result = subprocess.run([str(BIN / "hemex"), "certs", "--out", str(certs), "--host", "127.0.0.1",
-                                 "--nodes", ",".join([*CENTERS, "rogue"])], capture_output=True, text=True,
+                                 "--nodes", ",".join([*CENTERS, "rogue"])], capture_output=True, text=True, encoding="utf-8", errors="replace",
                                 timeout=120)
         assert result.returncode == 0, result.stderr
         spec = root / "cohort.toml"
-        spec.write_text(COHORT)
+        spec.write_text(COHORT, encoding="utf-8")
         data = root / "data"
         generate_cohort(str(spec), data, seed=0)
         timings["certs+cohort"] = time.monotonic() - started
@@ -413,7 +413,7 @@ def deployment(tmp_path_factory):
         cli_home.mkdir()
         (cli_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
+            f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n', encoding="utf-8")
         cli_env = flower_env(cli_home)
         node_ids = {}
         for center in CENTERS:
@@ -441,7 +441,7 @@ def deployment(tmp_path_factory):
         for center, (_, log) in nodes.items():
             wait_for(lambda log=log: "SuperNode ID:" in log.read_text(errors="replace"), 180,
                      f"SuperNode {center} to connect", watched)
-            assert f"SuperNode ID: {node_ids[center]}" in log.read_text(), f"{center} got another node id"
+            assert f"SuperNode ID: {node_ids[center]}" in log.read_text(encoding="utf-8"), f"{center} got another node id"
         timings["supernodes"] = time.monotonic() - started
         yield {"root": root, "certs": certs, "data": data, "port": port, "cli_env": cli_env,
                "node_ids": node_ids, "nodes": nodes, "superlink": superlink, "superlink_log": superlink_log,
@@ -492,7 +492,7 @@ def test_federation_over_tls_with_authenticated_supernodes(deployment):
     if status != "finished:completed":
         server_log = flwr(["log", str(run_id), CONNECTION, "--show"], env, root).stdout
         pytest.fail(f"run {run_id} ended {status}:\n{server_log[-4000:]}")
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
 
     assert {c: v["role"] for c, v in report["centers"].items()} == {
         "center1": "train", "center2": "train", "center3": "test"}

@@ -232,7 +232,7 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
     from common.inference.bundle import load_bundle
 
     load_bundle(out / "model")  # the bundle `hemex predict` loads: every checksum verifies
-    assert json.loads((out / "config.json").read_text())["run_config"]["seed"] == 0
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["run_config"]["seed"] == 0
     assert flower_processes() == []
 
 
@@ -245,9 +245,9 @@ def test_resume_after_a_stop_reaches_the_same_weights(federation, tiny, tmp_path
     (resumed / "checkpoints").mkdir(parents=True)
     # The run "stopped" after round 1: keep only round 1's checkpoint.
     shutil.copy(out / "checkpoints" / "seg-round001.safetensors", resumed / "checkpoints")
-    state = json.loads((out / "checkpoints" / "seg.json").read_text())
+    state = json.loads((out / "checkpoints" / "seg.json").read_text(encoding="utf-8"))
     state.update(round=1, weights="seg-round001.safetensors", history=state["history"][:1])
-    (resumed / "checkpoints" / "seg.json").write_text(json.dumps(state))
+    (resumed / "checkpoints" / "seg.json").write_text(json.dumps(state), encoding="utf-8")
     report = run_local_federation(settings_for(tiny, resumed))
     assert report["stages"]["seg"]["resumed_after"] == 1
     expected = load_file(str(out / "checkpoints" / "seg-round002.safetensors"))

@@ -53,12 +53,12 @@ tilt_deg = 10.0
 @pytest.fixture
 def micro_config(tmp_path) -> Path:
     path = tmp_path / "micro.toml"
-    path.write_text(MICRO)
+    path.write_text(MICRO, encoding="utf-8")
     return path
 
 
 def read_truth(root: Path) -> list[dict]:
-    with open(root / "truth.csv", newline="") as handle:
+    with open(root / "truth.csv", newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -172,15 +172,15 @@ def test_storage_formats_and_tilted_dicom_read_back(tmp_path, micro_config):
 def test_existing_output_is_never_overwritten(tmp_path, micro_config):
     out = tmp_path / "c"
     out.mkdir()
-    (out / "keep.txt").write_text("site data")
+    (out / "keep.txt").write_text("site data", encoding="utf-8")
     with pytest.raises(ConfigError, match="exists and is not empty"):
         generate_cohort(str(micro_config), out, seed=0)
-    assert (out / "keep.txt").read_text() == "site data"
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "site data"
 
 
 def test_cli_reports_bad_cohort_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text('name = "bad"\n[[centers]]\nid = "a"\nn = 5\nprevalence = 0.2\nkernel = "blurry"\n')
+    bad.write_text('name = "bad"\n[[centers]]\nid = "a"\nn = 5\nprevalence = 0.2\nkernel = "blurry"\n', encoding="utf-8")
     assert hemex(["phantoms", "--cohort", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "hemex phantoms: error: scanner kernel 'blurry' unknown; use one of soft, standard, sharp"
@@ -194,7 +194,7 @@ def test_cli_reports_bad_cohort_in_one_line(tmp_path, capsys):
 def bhsd_iph() -> tuple[np.ndarray, np.ndarray]:
     if not BHSD.is_file():
         pytest.skip(f"BHSD statistics not found at {BHSD} (shared/data is absent on this machine)")
-    with open(BHSD, newline="") as handle:
+    with open(BHSD, newline="", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle) if r["Type"] == "IPH" and float(r["Volume_[mL]"]) >= 1.0]
     return np.array([float(r["Volume_[mL]"]) for r in rows]), np.array([float(r["Mean_HU"]) for r in rows])
 

@@ -54,7 +54,7 @@ def check_outputs(out: Path, source: sitk.Image, bundle):
     mask = sitk.ReadImage(str(out / "mask.nii.gz"))
     assert_same_grid(mask, source)
     assert mask.GetPixelID() == sitk.sitkUInt8
-    result = json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert result["volume_ml"] == pytest.approx(volume_ml(mask), abs=1e-3)
     assert result["model_version"] == bundle.version
     assert result["threshold"] == 0.5
@@ -115,7 +115,7 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
     assert summary["cases"]["good1"]["status"] == "ok" and summary["cases"]["good2"]["status"] == "ok"
     error = summary["cases"]["broken"]["error"]
     assert "broken.nii.gz" in error and "\n" not in error
-    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert on_disk["cases"]["broken"]["status"] == "error"
     for name in ("good1", "good2"):
         assert (tmp_path / "out" / name / "mask.nii.gz").is_file()
@@ -157,7 +157,7 @@ def test_missing_file_and_unknown_format(copy_bundle):
     with pytest.raises(DataError, match=r"classifier/classifier\.json: missing"):
         load_bundle(copy_bundle)
     manifest = copy_bundle / "manifest.json"
-    manifest.write_text(json.dumps({"format": "something-else/9", "files": {}}))
+    manifest.write_text(json.dumps({"format": "something-else/9", "files": {}}), encoding="utf-8")
     with pytest.raises(DataError, match="unknown bundle format"):
         load_bundle(copy_bundle)
     manifest.unlink()
@@ -168,7 +168,7 @@ def test_missing_file_and_unknown_format(copy_bundle):
 def test_write_manifest_lists_every_file(copy_bundle):
     write_manifest(copy_bundle, {"centers": ["center1", "center2"], "rounds": {"seg": 3}, "version": "v-test"},
                    {"spacing": [4.0, 4.0, 5.0], "roi_size": [8, 32, 32]})
-    manifest = json.loads((copy_bundle / "manifest.json").read_text())
+    manifest = json.loads((copy_bundle / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["files"]) == {"segmentation/model.safetensors", "segmentation/model.json",
                                       "classifier/classifier.safetensors", "classifier/classifier.json"}
     assert manifest["preprocessing"]["windows"]  # taken from the classifier record

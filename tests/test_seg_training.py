@@ -337,8 +337,8 @@ def test_train_seg_end_to_end(tiny_cohort, tmp_path, capsys):
                   "--test-centers", "center5", "--out", str(out), "--model", "unet", "--epochs", "1",
                   "--steps-per-epoch", "2", "--seed", "1"])
     assert code == 0, capsys.readouterr().err
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert set(metrics["test"]["per_center"]) == {"center5"}
     assert len(metrics["test"]["per_case"]) == 10
     assert {"dice", "iou", "hd95_mm", "abs_vol_err_ml", "abs_vol_err_original_ml"} <= set(

@@ -238,25 +238,25 @@ def test_hemex_synth_end_to_end(tmp_path):
     profile = tmp_path / "p.toml"
     profile.write_text('name = "t"\n[preprocess]\nspacing = [2.0, 2.0, 5.0]\n'
                        '[synthesis]\npixels = 16\nbase_channels = 8\nchannel_mult = [1, 2, 2]\ntrain_steps = 3\n'
-                       'batch_size = 4\nddim_steps = 4\nratio = "1:1"\n')
+                       'batch_size = 4\nddim_steps = 4\nratio = "1:1"\n', encoding="utf-8")
     centre = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
     out = tmp_path / "out"
     assert main(["synth", "--data", str(data), "--center", centre, "--out", str(out), "--profile", str(profile),
                  "--threads", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["audit.json", "config.json", "quality.png", "synthetic_he.npz"]
-    audit = json.loads((out / "audit.json").read_text())
+    audit = json.loads((out / "audit.json").read_text(encoding="utf-8"))
     memo = audit["memorization"]
     assert memo["kept"] <= memo["needed"] and memo["accepted"] + memo["rejected"] == memo["synthetic"]
     images, masks, meta = load_synthetic(out / "synthetic_he.npz")
     assert images.shape == (memo["kept"], 3, 16, 16) and masks.shape == (memo["kept"], 16, 16)
     assert meta["center"] == centre
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["seed"] == 0 and "torch" in config["versions"]
     assert main(["synth", "--data", str(data), "--center", centre, "--out", str(out), "--ratio", "3:1"]) == 2
     # No synthesis asked for: no generator is trained, the outputs say so.
     none = tmp_path / "none"
     assert main(["synth", "--data", str(data), "--center", centre, "--out", str(none), "--profile", str(profile),
                  "--ratio", "none"]) == 0
-    audit = json.loads((none / "audit.json").read_text())
+    audit = json.loads((none / "audit.json").read_text(encoding="utf-8"))
     assert audit["memorization"]["needed"] == 0 and audit["training"] is None
     assert load_synthetic(none / "synthetic_he.npz")[0].shape == (0, 3, 16, 16)

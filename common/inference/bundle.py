@@ -75,7 +75,7 @@ def write_manifest(bundle_dir: Path, provenance: dict, preprocessing: dict | Non
             raise DataError(bundle_dir / rel, "missing: not a hemex model bundle")
     pre = dict(preprocessing) if preprocessing is not None else preprocessing_from_profile(provenance.get("profile", "cpu"))
     if "windows" not in pre:
-        record = json.loads((bundle_dir / CLS_DIR / "classifier.json").read_text())
+        record = json.loads((bundle_dir / CLS_DIR / "classifier.json").read_text(encoding="utf-8"))
         if record.get("windows"):
             pre["windows"] = record["windows"]
         else:
@@ -141,7 +141,7 @@ def read_manifest(path: Path) -> tuple[Path, dict]:
     if not manifest_path.is_file():
         raise DataError(manifest_path, "missing: not a hemex model bundle (write it with write_manifest)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(manifest_path, f"cannot read bundle manifest: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

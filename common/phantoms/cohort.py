@@ -194,7 +194,7 @@ def generate_cohort(cohort: str, out: Path, seed: int = 0, workers: int | None =
     summary = summarize(spec, list(truth.values()))
     record = {"cohort": spec.name, "seed": seed, "config": raw, "summary": summary,
               "seconds": round(time.time() - start, 1)}
-    (staging / "cohort.json").write_text(json.dumps(record, indent=2, default=str))
+    (staging / "cohort.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     if out.exists():
         out.rmdir()
     os.replace(staging, out)
@@ -229,7 +229,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
     os.replace(tmp, path)
 
 

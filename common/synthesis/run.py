@@ -162,7 +162,7 @@ def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") ->
 
 def write_json(path: Path, payload: dict) -> None:
     def write(tmp):
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2, allow_nan=True)
             fh.write("\n")
 

@@ -73,7 +73,7 @@ def write_json_atomic(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(_strict_json(payload), handle, indent=2, allow_nan=False, default=_json_default)
             handle.write("\n")
         os.replace(tmp, path)
@@ -122,7 +122,7 @@ def read_record(folder: Path) -> dict:
     if not path.is_file():
         raise DataError(path, "missing: not a hemex segmentation checkpoint folder")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(path, f"cannot read checkpoint record: {err}") from err
     if record.get("format") != FORMAT or "architecture" not in record:

@@ -704,7 +704,7 @@ def _strict(value):
 def write_json(path: Path, payload) -> Path:
     """Strict JSON (NaN -> null), written to a temporary name and renamed."""
     def write(tmp):
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(_strict(payload), handle, indent=2, allow_nan=False)
             handle.write("\n")
     return _atomic(path, write)
@@ -712,7 +712,7 @@ def write_json(path: Path, payload) -> Path:
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     def write(tmp):
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
@@ -739,7 +739,7 @@ def load_classifier(folder: Path, device="cpu") -> tuple[nn.Module, ClassifierSe
     folder = Path(folder)
     path = folder / "classifier.json"
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(path, f"cannot read classifier record: {err}") from err
     if record.get("format") != MODEL_FORMAT:
@@ -781,7 +781,7 @@ def read_truth(data_root: Path) -> dict[str, dict] | None:
     path = Path(data_root) / "truth.csv"
     if not path.is_file():
         return None
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         rows = {f"{r.get('center')}/{r.get('case_id')}": r for r in csv.DictReader(handle)}
     return rows or None
 
