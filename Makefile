@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 simulate: $(STAMP)
-	$(VENV)/bin/hemex federate --cohort paper --seed $(SEED) --out runs/paper-seed$(SEED)
+	$(VENV)/bin/hemex simulate --seed $(SEED) --out runs/paper-seed$(SEED)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -30,9 +30,10 @@ from common.training.evaluation import evaluate_segmentation
 from common.synthesis.run import load_synthetic, resize_rois, run_synth
 from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
 from common.training.classification import create_model as create_classifier_model
+from common.metrics.classification import Z95, delong_ci, delong_test
 from common.training.inference import predict_mask
+from common.training.privacy import DPSettings, train_classifier_dp
 from common.training.segmentation import seed_everything, train_segmentation
-from sklearn.metrics import roc_auc_score
 
 app = ClientApp()
 
@@ -47,14 +48,14 @@ def seg_model(site: Site):
     return build_model(arch)
 
 
-def receive_global(model, message: Message, context: Context, stage: str, fedbn: bool) -> set[str]:
+def receive_global(model, record: ArrayRecord, context: Context, stage: str, fedbn: bool) -> set[str]:
     """Load the global weights; under FedBN keep this site's own normalisation layers, which
-    persist across rounds in the node's context state."""
+    persist across rounds in the node's context state (one entry per stage / arm)."""
     local_keys = norm_keys(model) if fedbn else set()
     key = f"{stage}-local-norm"
     if fedbn and key in context.state:
         model.load_state_dict(from_record(context.state[key]), strict=False)
-    load_global(model, from_record(message.content["arrays"]), keep_local=local_keys if key in context.state else set())
+    load_global(model, from_record(record), keep_local=local_keys if key in context.state else set())
     return local_keys
 
 
@@ -73,7 +74,7 @@ def train_seg(message: Message, context: Context) -> Message:
     seed = site.round_seed("seg", server_round)
     seed_everything(seed)
     model = seg_model(site)
-    local_keys = receive_global(model, message, context, "seg", site.settings.fedbn)
+    local_keys = receive_global(model, message.content["arrays"], context, "seg", site.settings.fedbn)
     settings, seg = site.settings, site.seg
     epochs = settings.seg_epochs
     result = train_segmentation(
@@ -102,16 +103,19 @@ def evaluate_seg(message: Message, context: Context) -> Message:
     split = str(message.content["config"].get("split", "validation"))
     cases = site.val_cases if split == "validation" else site.fit_cases + site.val_cases
     model = seg_model(site)
-    receive_global(model, message, context, "seg", site.settings.fedbn)
+    receive_global(model, message.content["arrays"], context, "seg", site.settings.fedbn)
     metrics = {"num-examples": len(cases)}
     if cases:
         evaluation = evaluate_segmentation(model, site.cache.load(cases), site.seg.inference_roi,
                                            overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size,
                                            satellite_mm=site.seg.satellite_mm)
         overall = evaluation["overall"]
-        metrics.update({"dice": overall["dice"]["mean"], "iou": overall["iou"]["mean"],
+        dice, volume = overall["dice"], overall["abs_vol_err_ml"]
+        # The Dice distribution travels as its five-number summary, never as per-case values.
+        metrics.update({"dice": dice["mean"], "iou": overall["iou"]["mean"],
                         "hd95-mm": _finite(overall["hd95_mm"]["median"]),
-                        "abs-vol-err-ml": overall["abs_vol_err_ml"]["median"]})
+                        "abs-vol-err-ml": volume["median"], "vol-mae-ml": volume["mean"],
+                        **{f"dice-{q}": dice[q] for q in ("min", "q25", "median", "q75", "max")}})
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 
 
@@ -155,28 +159,57 @@ def synthesize(message: Message, context: Context) -> Message:
 
 @app.train("cls")
 def train_cls(message: Message, context: Context) -> Message:
+    """One federated round (the strategy's messages), or, with config `epochs`, a whole local
+    training run from the given weights (the local-only and centralized arms)."""
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
     seed = site.round_seed("cls", server_round)
+    arm = str(config.get("arm", "federated"))
     model = cls_model(site)
-    local_keys = receive_global(model, message, context, "cls", site.settings.fedbn)
+    # FedBN keeps norm layers per arm; a whole local run has no global model to mix with.
+    fedbn = site.settings.fedbn and "epochs" not in config
+    local_keys = receive_global(model, message.content["arrays"], context, state_stage(arm), fedbn)
     dataset, fit, _ = site.roi_dataset()
-    extra, extra_masks = synthetic_rois(site) if site.settings.synthesis != "none" else (None, None)
-    epochs = site.settings.cls_epochs
+    use_synthetic = (bool(config.get("use-synthetic", site.settings.synthesis != "none"))
+                     and site.settings.dp_sgd_noise_multiplier == 0)
+    extra, extra_masks = synthetic_rois(site) if use_synthetic else (None, None)
     steps_per_epoch = max(1, sum(len(r.images) for r in fit) // site.cls.batch_size)
-    result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
-                              extra_he_masks=extra_masks, proximal_mu=site.settings.proximal_mu, settings=site.cls,
-                              windows=site.profile["preprocess"]["windows"],
-                              schedule_offset=(server_round - 1) * epochs * steps_per_epoch,
-                              schedule_total=site.settings.cls_rounds * epochs * steps_per_epoch)
+    if "epochs" in config:
+        epochs, offset, total = int(config["epochs"]), 0, None
+    else:
+        epochs = site.settings.cls_epochs
+        offset = (server_round - 1) * epochs * steps_per_epoch
+        total = site.settings.cls_rounds * epochs * steps_per_epoch
+    settings = site.settings
+    if settings.dp_sgd_noise_multiplier > 0:
+        # Patient-level DP-SGD; synthetic ROIs are left out (their generator is not private).
+        dp = DPSettings(settings.dp_sgd_noise_multiplier, settings.dp_sgd_max_grad_norm, settings.dp_sgd_delta)
+        key = f"{state_stage(arm)}-dp-steps"
+        prior = int(context.state[key]["steps"]) if key in context.state else 0
+        trained = train_classifier_dp(model, fit, epochs, dp, settings=site.cls, seed=seed,
+                                      windows=site.profile["preprocess"]["windows"], prior_steps=prior,
+                                      schedule_offset=offset, schedule_total=total)
+        context.state[key] = MetricRecord({"steps": int(trained["total_steps"])})
+        metrics = {"train-loss": trained["train_loss"], "num-synthetic": 0, "dp-epsilon": trained["epsilon"],
+                   "dp-delta": dp.delta, "dp-steps": int(trained["total_steps"]), "seconds": trained["seconds"]}
+    else:
+        result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
+                                  extra_he_masks=extra_masks, proximal_mu=settings.proximal_mu, settings=site.cls,
+                                  windows=site.profile["preprocess"]["windows"],
+                                  schedule_offset=offset, schedule_total=total)
+        metrics = {"train-loss": result.metrics["train_loss"], "num-synthetic": int(result.metrics.get("num_extra", 0)),
+                   "seconds": float(result.metrics.get("seconds", 0.0))}
     state = model.state_dict()
     if local_keys:
-        context.state["cls-local-norm"] = to_record({k: state[k] for k in local_keys})
-    metrics = {"num-examples": len(fit), "train-loss": result.metrics["train_loss"],
-               "num-synthetic": int(result.metrics.get("num_extra", 0)), "num-excluded": len(dataset.excluded)}
+        context.state[f"{state_stage(arm)}-local-norm"] = to_record({k: state[k] for k in local_keys})
+    metrics.update({"num-examples": len(fit), "num-excluded": len(dataset.excluded)})
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
                  model_keys=set(state))
+
+
+def state_stage(arm: str) -> str:
+    return "cls" if arm in ("federated", "") else f"cls-{arm}"
 
 
 def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
@@ -198,10 +231,13 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
 
 @app.evaluate("cls")
 def evaluate_cls(message: Message, context: Context) -> Message:
+    """Score given classifier weights on local cases. One model ("arrays", a strategy's round)
+    or several ("arm.<name>", the final comparison): the ROIs are built once and every arm is
+    scored on the same cases, so arms are compared paired (DeLong) here, on site. Per arm only
+    aggregates come back: AUC with its DeLong CI, Brier, sensitivity and specificity at the
+    given operating point, 16-bin logit histograms per class."""
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
-    model = cls_model(site)
-    receive_global(model, message, context, "cls", site.settings.fedbn)
     if str(config.get("mask-source", "reference")) == "segmentation":
         provider = segmentation_mask_provider(site, message.content["seg-arrays"])
         dataset = build_roi_dataset(site.cases, site.cls, mask_provider=provider, with_markers=False)
@@ -210,19 +246,46 @@ def evaluate_cls(message: Message, context: Context) -> Message:
         dataset, _, val = site.roi_dataset()
         rois = val if str(config.get("split", "validation")) == "validation" else dataset.cases
     labels = np.array([r.he for r in rois], dtype=int)
-    z = case_logits(model, rois, site.cls)
-    metrics = {"num-examples": len(rois), "num-he": int(labels.sum()), "num-excluded": len(dataset.excluded)}
-    if len(rois):
-        metrics.update(binned.to_metrics(z, labels))
-        a, b = float(config.get("calib-a", 1.0)), float(config.get("calib-b", 0.0))
-        prob = 1 / (1 + np.exp(-(a * z + b)))
-        metrics["brier"] = float(np.mean((prob - labels) ** 2))
-        if 0 < labels.sum() < len(labels):
-            metrics["auc"] = float(roc_auc_score(labels, z))
-        if "threshold" in config:
-            predicted = prob >= float(config["threshold"])
-            if labels.sum():
-                metrics["sensitivity"] = float(predicted[labels == 1].mean())
-            if (labels == 0).sum():
-                metrics["specificity"] = float((~predicted[labels == 0]).mean())
-    return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+    counts = {"num-examples": len(rois), "num-he": int(labels.sum()), "num-excluded": len(dataset.excluded)}
+    arms = {k[len("arm."):]: r for k, r in message.content.array_records.items() if k.startswith("arm.")}
+    if not arms:
+        model = cls_model(site)
+        receive_global(model, message.content["arrays"], context, state_stage(str(config.get("arm", "federated"))),
+                       site.settings.fedbn)
+        z = case_logits(model, rois, site.cls) if rois else np.zeros(0)
+        return reply(message, RecordDict({"metrics": MetricRecord({**counts, **score_metrics(labels, z, config)})}))
+    logits = {}
+    for arm, record in arms.items():
+        model = cls_model(site)
+        receive_global(model, record, context, state_stage(arm), site.settings.fedbn)
+        logits[arm] = case_logits(model, rois, site.cls) if rois else np.zeros(0)
+    content = RecordDict({"metrics": MetricRecord(counts)})
+    for arm, z in logits.items():
+        metrics = score_metrics(labels, z, config, prefix=f"{arm}.")
+        if arm != "federated" and "federated" in logits and 0 < labels.sum() < len(labels):
+            test = delong_test(labels, z, logits["federated"])
+            se = (test["diff_ci"][1] - test["diff_ci"][0]) / (2 * Z95)
+            metrics.update({"vs-federated-diff": test["diff"], "vs-federated-se": se, "vs-federated-p": test["p"]})
+        content[f"arm.{arm}"] = MetricRecord(metrics)
+    return reply(message, content)
+
+
+def score_metrics(labels: np.ndarray, z: np.ndarray, config: ConfigRecord, prefix: str = "") -> dict:
+    """Aggregates of one model's patient logits; the operating point (`<prefix>calib-a`,
+    `calib-b`, `threshold`) comes from the server, fixed on the training centres."""
+    if not len(z):
+        return {}
+    metrics = dict(binned.to_metrics(z, labels))
+    a, b = float(config.get(f"{prefix}calib-a", 1.0)), float(config.get(f"{prefix}calib-b", 0.0))
+    prob = 1 / (1 + np.exp(-(a * z + b)))
+    metrics["brier"] = float(np.mean((prob - labels) ** 2))
+    if 0 < labels.sum() < len(labels):
+        auc, low, high, se = delong_ci(labels, z)
+        metrics.update({"auc": auc, "auc-lo": low, "auc-hi": high, "auc-se": se})
+    if f"{prefix}threshold" in config:
+        predicted = prob >= float(config[f"{prefix}threshold"])
+        if labels.sum():
+            metrics["sensitivity"] = float(predicted[labels == 1].mean())
+        if (labels == 0).sum():
+            metrics["specificity"] = float((~predicted[labels == 0]).mean())
+    return metrics

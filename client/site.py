@@ -1,7 +1,8 @@
 """A hospital site as its ClientApp sees it: centre id, local data, preprocessed samples.
 
 In deployment the SuperNode's node-config names the site (`center`, `data-path`); in simulation
-each virtual node only knows its `partition-id`, mapped to a centre through the run config.
+each virtual node only knows its `partition-id`, mapped to a centre through the run config; the
+centralized arm's extra virtual node ("pooled") holds every training centre's cases.
 Samples are cached per process, so later rounds do not re-read scans.
 """
 
@@ -15,13 +16,14 @@ from common.config import load_profile
 from common.data.contract import Case, read_center
 from common.data.dataset import SampleCache, split_by_center, with_masks
 from common.errors import ConfigError
-from common.federation.settings import FederationSettings
+from common.federation.settings import POOLED, FederationSettings
 from common.training.classification import ClassifierSettings, build_roi_dataset, stratified_split
 from common.training.settings import SegmentationSettings
 
 
 class Site:
-    def __init__(self, center: str, data_path: Path, settings: FederationSettings, work_dir: Path | None = None):
+    def __init__(self, center: str, data_path: Path, settings: FederationSettings, work_dir: Path | None = None,
+                 pooled_paths: tuple[Path, ...] = ()):
         self.center = center
         self.data_path = Path(data_path)
         self.settings = settings
@@ -34,7 +36,8 @@ class Site:
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
         preprocess = self.profile["preprocess"]
         self.cache = SampleCache(preprocess["spacing"], preprocess["windows"])
-        self.cases: list[Case] = read_center(self.data_path)
+        self.cases: list[Case] = ([case for path in pooled_paths for case in read_center(Path(path))] if pooled_paths
+                                  else read_center(self.data_path))
         labelled, self.skipped = with_masks(self.cases, "segmentation")
         # A fixed split per site: the validation cases pick nothing globally, they only report.
         self.fit_cases, self.val_cases = split_by_center(labelled, self.seg.val_fraction, settings.seed)
@@ -52,9 +55,16 @@ class Site:
         a fit part and a validation part for the federated operating point."""
         if self._rois is None:
             dataset = build_roi_dataset(self.cases, self.cls, with_markers=False)
-            fit, val = stratified_split(dataset.labels(), [self.center] * len(dataset.cases), self.cls.val_fraction,
-                                        self.settings.seed)
-            self._rois = (dataset, [dataset.cases[i] for i in fit], [dataset.cases[i] for i in val])
+            # Split each source centre on its own, so that the pooled node holds out exactly the
+            # cases the training centres hold out.
+            fit, val = [], []
+            for center in sorted({r.center for r in dataset.cases}):
+                index = [i for i, r in enumerate(dataset.cases) if r.center == center]
+                f, v = stratified_split([dataset.cases[i].he for i in index], [center] * len(index),
+                                        self.cls.val_fraction, self.settings.seed)
+                fit += [dataset.cases[index[i]] for i in f]
+                val += [dataset.cases[index[i]] for i in v]
+            self._rois = (dataset, fit, val)
         return self._rois
 
     def info(self) -> dict:
@@ -74,13 +84,15 @@ def site_from_context(node_config: dict, run_config: dict) -> Site:
             raise ConfigError(f"node-config data-path {str(data_path)!r} of centre {center} is not a folder")
     else:  # simulation: partition-id indexes the run config's centre list
         partition = int(node_config["partition-id"])
-        if not settings.centers or partition >= len(settings.centers):
+        if not settings.centers or partition >= len(settings.node_centers):
             raise ConfigError(f"partition-id {partition} has no centre: run-config centers = {settings.centers}")
-        center = settings.centers[partition]
+        center = settings.node_centers[partition]
         data_path = Path(settings.data_root) / center
-    return cached_site(center, str(data_path), work_dir, tuple(sorted(settings.to_run_config().items())))
+    pooled = tuple(str(Path(settings.data_root) / c) for c in settings.train_centers) if center == POOLED else ()
+    return cached_site(center, str(data_path), work_dir, tuple(sorted(settings.to_run_config().items())), pooled)
 
 
 @lru_cache(maxsize=8)
-def cached_site(center: str, data_path: str, work_dir: str, run_config_items: tuple) -> Site:
-    return Site(center, Path(data_path), FederationSettings.from_run_config(dict(run_config_items)), work_dir or None)
+def cached_site(center: str, data_path: str, work_dir: str, run_config_items: tuple, pooled: tuple = ()) -> Site:
+    return Site(center, Path(data_path), FederationSettings.from_run_config(dict(run_config_items)), work_dir or None,
+                pooled_paths=tuple(Path(p) for p in pooled))

@@ -148,38 +148,66 @@ def cmd_certs(args) -> int:
     return 0
 
 
-def cmd_federate(args) -> int:
-    from rich.console import Console
-
+def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
+    """Settings of `federate` / `simulate`: the given DATA_ROOT and centres, or the built-in
+    synthetic cohort (generated once under --out, then reused) with its centre roles."""
     from common.federation.settings import FederationSettings, split_list
     from common.phantoms.cohort import load_cohort_spec
-    from simulation.run import run_local_federation
-    from simulation.summary import print_federation_summary
 
-    console = Console(width=max(Console().width, 110))
+    cohort = None
     data = Path(args.data) if args.data else None
-    if data is None:  # the built-in synthetic cohort, generated once and reused
+    if data is None:
         spec, _ = load_cohort_spec(args.cohort)
+        cohort = spec.name
         data = Path(args.out) / f"cohort-{spec.name}-seed{args.seed}"
         cmd_phantoms(argparse.Namespace(cohort=args.cohort, out=str(data), seed=args.seed, workers=None,
                                         preview=str(Path(args.out) / "cohort-preview.png"), reuse=True))
         train = split_list(args.train_centers) if args.train_centers else spec.train_centers
         test = split_list(args.test_centers) if args.test_centers else spec.test_centers
     else:
-        if not (args.train_centers and args.test_centers):
+        if not args.train_centers or not (args.test_centers or getattr(args, "leave_one_out", False)):
             raise HemexError("--data needs --train-centers and --test-centers (comma-separated centre ids)")
-        train, test = split_list(args.train_centers), split_list(args.test_centers)
+        train = split_list(args.train_centers)
+        test = split_list(args.test_centers) if args.test_centers else ()
     settings = FederationSettings(
         data_root=str(data.resolve()), centers=tuple(train) + tuple(test), test_centers=tuple(test),
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
         dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
         seg_rounds=args.seg_rounds, cls_rounds=args.cls_rounds, synthesis=args.synthesis,
         out_dir=str((Path(args.out) / "federation").resolve()))
-    console.print(f"Federation of {len(settings.centers)} simulated sites: train {', '.join(train)}; "
-                  f"held out {', '.join(test)} (log: {settings.out_dir}/flower.log)")
+    return settings, cohort
+
+
+def cmd_federate(args) -> int:
+    from rich.console import Console
+
+    from simulation.run import run_local_federation
+    from simulation.summary import print_federation_summary
+
+    console = Console(width=max(Console().width, 110))
+    settings, _ = federation_settings(args, console)
+    console.print(f"Federation of {len(settings.centers)} simulated sites: train {', '.join(settings.train_centers)}; "
+                  f"held out {', '.join(settings.test_centers)} (log: {settings.out_dir}/flower.log)")
     report = run_local_federation(settings, log=console.print)
     print_federation_summary(report, console)
     console.print(f"Wrote {settings.out_dir}/federation.json, config.json, checkpoints/ and the model bundle model/")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from rich.console import Console
+
+    from simulation.study import run_study
+
+    console = Console(width=max(Console().width, 110))
+    settings, cohort = federation_settings(args, console)
+    if args.leave_one_out:
+        console.print(f"Leave-one-centre-out study over {', '.join(settings.centers)}: one federation per held-out "
+                      "centre")
+    else:
+        console.print(f"Study: train {', '.join(settings.train_centers)}; held out {', '.join(settings.test_centers)}; "
+                      "arms: federated, no-synthesis, local-only per centre, centralized")
+    run_study(settings, Path(args.out), leave_one_out=args.leave_one_out, cohort=cohort, console=console)
     return 0
 
 
@@ -199,6 +227,25 @@ def cmd_predict(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def federation_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--data", default=None, help="DATA_ROOT (default: generate or reuse the --cohort synthetic cohort)")
+    p.add_argument("--cohort", default="paper", help="built-in synthetic cohort used when --data is absent")
+    p.add_argument("--train-centers", default=None, help="comma-separated training centres (default: the cohort's)")
+    p.add_argument("--test-centers", default=None, help="comma-separated held-out centres (default: the cohort's)")
+    p.add_argument("--out", default=out, help="run folder")
+    p.add_argument("--profile", default="cpu", help="profile in configs/profiles (cpu, gpu, smoke) or a TOML file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal weight (with --strategy fedprox)")
+    p.add_argument("--fedbn", action="store_true", help="keep normalisation layers local to each site (FedBN)")
+    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                   help="> 0: server-side differential privacy (clipped site updates, Gaussian noise)")
+    p.add_argument("--dp-clipping-norm", type=float, default=1.0, help="L2 bound of each site's update under DP")
+    p.add_argument("--seg-rounds", type=int, default=3)
+    p.add_argument("--cls-rounds", type=int, default=3)
+    p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hemex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,24 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="if --out already holds this cohort and seed, only summarize it")
     p.set_defaults(func=cmd_phantoms)
 
+    p = sub.add_parser("simulate", help="the main job: a whole simulated multicentre study (federated, local-only, "
+                                        "centralized and no-synthesis arms) with metrics.json and a report")
+    federation_arguments(p, "runs/simulate")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="one federation per centre, each centre held out in turn (all --train-centers)")
+    p.set_defaults(func=cmd_simulate)
+
     p = sub.add_parser("federate", help="simulate a federation on this machine: one virtual site per centre, "
                                         "held-out centres evaluated only")
-    p.add_argument("--data", default=None, help="DATA_ROOT (default: generate or reuse the --cohort synthetic cohort)")
-    p.add_argument("--cohort", default="paper", help="built-in synthetic cohort used when --data is absent")
-    p.add_argument("--train-centers", default=None, help="comma-separated training centres (default: the cohort's)")
-    p.add_argument("--test-centers", default=None, help="comma-separated held-out centres (default: the cohort's)")
-    p.add_argument("--out", default="runs/federate", help="run folder")
-    p.add_argument("--profile", default="cpu", help="profile in configs/profiles (cpu, gpu, smoke) or a TOML file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum")
-    p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal weight (with --strategy fedprox)")
-    p.add_argument("--fedbn", action="store_true", help="keep normalisation layers local to each site (FedBN)")
-    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
-                   help="> 0: server-side differential privacy (clipped site updates, Gaussian noise)")
-    p.add_argument("--dp-clipping-norm", type=float, default=1.0, help="L2 bound of each site's update under DP")
-    p.add_argument("--seg-rounds", type=int, default=3)
-    p.add_argument("--cls-rounds", type=int, default=3)
-    p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
+    federation_arguments(p, "runs/federate")
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("check", help="validate a site's data against the data contract")

@@ -18,7 +18,7 @@ from common.errors import ConfigError
 from common.federation import binned
 from common.inference.bundle import write_manifest
 from common.federation.records import to_record
-from common.federation.settings import FederationSettings
+from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
 from common.training.checkpoint import architecture, build_model, save_checkpoint
 from common.training.classification import ClassifierSettings, save_classifier
@@ -44,11 +44,25 @@ class FederatedRun:
         self.cls = ClassifierSettings.from_profile(self.profile)
         self.centers: dict[str, int] = {}
         self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
+        self.steps_done, self.steps_total = 0, self.count_steps()
+
+    def count_steps(self) -> int:
+        """Units of work announced as `[k/N]` progress lines (rounds, synthesis, evaluations)."""
+        s = self.settings
+        cls_arms = 1 + ("no-synthesis" in s.arms and s.synthesis != "none")
+        alone = any(a in s.arms for a in ("local", "centralized"))
+        synth = s.cls_rounds > 0 and s.synthesis != "none"
+        cls = (s.cls_rounds * cls_arms + alone + 2) if s.cls_rounds > 0 else 0
+        return s.seg_rounds + 1 + synth + cls
+
+    def progress(self, text: str) -> None:
+        self.steps_done += 1
+        self.log(f"[{self.steps_done}/{self.steps_total}] {text}")
 
     # --------------------------------------------------------------------------------------
     def discover(self) -> dict[str, int]:
         """Map centre ids to node ids, waiting at most node-wait-s for every expected centre."""
-        expected = set(self.settings.centers)
+        expected = set(self.settings.node_centers)
         deadline = time.monotonic() + self.settings.node_wait_s
         while True:
             nodes = list(self.grid.get_node_ids())
@@ -75,7 +89,7 @@ class FederatedRun:
             raise ConfigError(f"no node answered for centre(s) {', '.join(sorted(missing))} within node-wait-s / "
                               f"round-timeout-s (answered: {', '.join(sorted(centers)) or 'none'}; "
                               f"{len(nodes)} node(s) connected)")
-        self.centers = {c: centers[c] for c in self.settings.centers}
+        self.centers = {c: centers[c] for c in self.settings.node_centers}
         self.report["centers"] = {c: {**counts[c], "role": "test" if c in self.settings.test_centers else "train"}
                                   for c in self.settings.centers}
         return self.centers
@@ -86,9 +100,11 @@ class FederatedRun:
         return architecture(self.seg.model, len(windows) * IN_CHANNELS_PER_WINDOW, OUT_CHANNELS,
                             self.seg.model_overrides)
 
-    def train_stage(self, stage: str, initial: ArrayRecord, num_rounds: int) -> ArrayRecord:
+    def train_stage(self, stage: str, initial: ArrayRecord, num_rounds: int, action: str | None = None,
+                    config: dict | None = None) -> ArrayRecord:
         """Run `num_rounds` rounds of `stage` on the training centres, checkpointing each round;
-        resume from the last checkpoint when one exists."""
+        resume from the last checkpoint when one exists. `action` names the client handler
+        (default: the stage), `config` goes to every train and evaluate message."""
         start_round, history = 0, []
         latest = self.checkpoints.latest(stage) if self.settings.resume else None
         if latest is not None:
@@ -97,9 +113,12 @@ class FederatedRun:
             self.log(f"{stage}: resuming after round {start_round} of {num_rounds}")
         if start_round >= num_rounds:
             self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round}
+            self.steps_done += num_rounds
             return initial
+        self.steps_done += start_round
         train_nodes = {self.centers[c]: c for c in self.settings.train_centers}
-        stage_grid = StageGrid(self.grid, train_nodes, stage)
+        action = action or stage
+        stage_grid = StageGrid(self.grid, train_nodes, action)
         strategy = build_strategy(self.settings, len(train_nodes))
 
         def after_round(server_round: int, arrays: ArrayRecord):
@@ -108,18 +127,19 @@ class FederatedRun:
             global_round = start_round + server_round
             entry = {"round": global_round}
             for kind in ("train", "evaluate"):
-                calls = stage_grid.rounds.get(f"{kind}.{stage}", [])
+                calls = stage_grid.rounds.get(f"{kind}.{action}", [])
                 if len(calls) >= server_round:
                     entry[kind] = calls[server_round - 1]
             history.append(entry)
             self.checkpoints.save(stage, global_round, arrays, {"history": history})
-            self.log(f"{stage}: round {global_round}/{num_rounds} done: {summarize_round(entry)}")
+            self.progress(f"{stage}: round {global_round}/{num_rounds} done: {summarize_round(entry)}")
             return None
 
-        config = ConfigRecord({"round-offset": start_round})
+        extra = dict(config or {})
+        config = ConfigRecord({"round-offset": start_round, **extra})
         result = strategy.start(grid=stage_grid, initial_arrays=initial, num_rounds=num_rounds - start_round,
                                 timeout=self.settings.round_timeout_s, train_config=config,
-                                evaluate_config=ConfigRecord({"split": "validation", "round-offset": start_round}),
+                                evaluate_config=ConfigRecord({"split": "validation", "round-offset": start_round, **extra}),
                                 evaluate_fn=after_round)
         self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round,
                                         "aggregated_train": {str(k): dict(v) for k, v in result.train_metrics_clientapp.items()},
@@ -136,7 +156,7 @@ class FederatedRun:
             if nodes:
                 content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": split})})
                 results.update(self.send(f"evaluate.{stage}", nodes, content))
-        return {c: results[c] for c in self.centers}
+        return {c: results[c] for c in self.settings.centers}
 
     # --------------------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -150,6 +170,7 @@ class FederatedRun:
         seg_arrays = self.train_stage("seg", to_record(build_model(arch).state_dict()), self.settings.seg_rounds)
         self.report["timing"]["seg_seconds"] = time.time() - seg_started
         self.report["stages"].setdefault("seg", {})["final"] = self.evaluate_everywhere("seg", seg_arrays)
+        self.progress("seg: final weights evaluated at every centre")
         bundle = self.out / "model"
         save_checkpoint(bundle / "segmentation", seg_arrays.to_torch_state_dict(), arch,
                         {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
@@ -161,7 +182,7 @@ class FederatedRun:
             results = self.send("query.synth", train_nodes, RecordDict({"config": ConfigRecord({})}))
             self.report["stages"]["synth"] = results
             self.report["timing"]["synth_seconds"] = time.time() - synth_started
-            self.log("synth: " + "; ".join(f"{c}: kept {m.get('num-kept', 0)} of {m.get('num-needed', 0)} needed"
+            self.progress("synth: " + "; ".join(f"{c}: kept {m.get('num-kept', 0)} of {m.get('num-needed', 0)} needed"
                                            if "error" not in m else f"{c}: failed ({m['error'][:80]})"
                                            for c, m in results.items()))
         if self.settings.cls_rounds > 0:
@@ -192,41 +213,126 @@ class FederatedRun:
         return self.report
 
     def classifier(self, seg_arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
-        """Classifier rounds, then an operating point fixed on the training centres' validation
-        histograms, then evaluation everywhere with ROIs from the federated segmentation."""
-        windows = self.profile["preprocess"]["windows"]
-        cls_arrays = self.train_stage("cls", to_record(create_classifier_model(self.cls, windows).state_dict()),
-                                      self.settings.cls_rounds)
+        """Train every classifier arm, fix each arm's operating point on the training centres'
+        validation histograms, then score all arms together at the held-out centres on ROIs
+        from the federated segmentation. Returns the federated arm's weights and operating point."""
+        arms = self.train_arms()
         train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
         validation = self.send("evaluate.cls", train_nodes, RecordDict(
-            {"arrays": cls_arrays, "config": ConfigRecord({"split": "validation", "mask-source": "reference"})}))
-        he, nhe = binned.from_metrics([m for m in validation.values() if "error" not in m])
-        point = {**binned.fit_operating_point(he, nhe), "n": int(he.sum() + nhe.sum())}
-        self.log(f"cls: operating point from {point['n']} training-centre validation cases: "
-                 f"threshold {point['threshold']:.3f}, Platt a={point['calib-a']:.3f} b={point['calib-b']:.3f}")
-        config = {k: point[k] for k in ("calib-a", "calib-b", "threshold")}
+            {**{f"arm.{a}": w for a, w in arms.items()},
+             "config": ConfigRecord({"split": "validation", "mask-source": "reference"})}), per_arm=True)
+        points = {}
+        for arm in arms:
+            # A local-only model is calibrated where it was trained, as a site alone would do.
+            sources = [arm.removeprefix("local-")] if arm.startswith("local-") else list(train_nodes)
+            he, nhe = binned.from_metrics([validation[c]["arms"][arm] for c in sources
+                                           if arm in validation[c].get("arms", {})])
+            points[arm] = {**binned.fit_operating_point(he, nhe), "n": int(he.sum() + nhe.sum())}
+        point = points["federated"]
+        self.progress(f"cls: operating points fixed on training-centre validation cases (federated: "
+                      f"n={point['n']}, threshold {point['threshold']:.3f})")
+        config = {f"{arm}.{k}": p[k] for arm, p in points.items() for k in ("calib-a", "calib-b", "threshold")}
         test_nodes = {c: self.centers[c] for c in self.settings.test_centers}
         final = self.send("evaluate.cls", test_nodes, RecordDict(
-            {"arrays": cls_arrays, "seg-arrays": seg_arrays,
-             "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})})) if test_nodes else {}
+            {**{f"arm.{a}": w for a, w in arms.items()}, "seg-arrays": seg_arrays,
+             "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})}),
+            per_arm=True) if test_nodes else {}
+        self.progress(f"cls: {len(arms)} arm(s) scored at the held-out centres")
         stage = self.report["stages"].setdefault("cls", {})
-        # Training centres report their validation split only: their other cases trained the model.
-        stage.update(operating_point=point, final=_without_histograms({**validation, **final}))
-        return cls_arrays, point
+        # The federated arm as before; every arm (histograms included) under "arms".
+        stage["operating_point"] = point
+        stage["final"] = _without_histograms({c: arm_view(m, "federated") for c, m in {**validation, **final}.items()})
+        stage["arms"] = {arm: {"operating_point": points[arm],
+                               "external": {c: arm_view(m, arm) for c, m in final.items()}}
+                         for arm in arms}
+        return arms["federated"], point
 
-    def send(self, message_type: str, nodes: dict[str, int], content: RecordDict) -> dict[str, dict]:
-        """One message per centre; the replies' aggregate metrics (or the error) per centre."""
-        messages = [Message(content, dst_node_id=node, message_type=message_type) for node in nodes.values()]
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)
-        by_node = {node: center for center, node in nodes.items()}
-        results = {center: {"error": "no reply before the timeout"} for center in nodes}
-        for reply in replies:
-            center = by_node.get(reply.metadata.src_node_id)
-            if center is None:
-                continue
-            results[center] = ({"error": reply.error.reason} if reply.has_error()
-                               else dict(next(iter(reply.content.metric_records.values()))))
+    def train_arms(self) -> dict[str, ArrayRecord]:
+        """Weights of every classifier arm, from the same initial weights and epoch budget."""
+        windows = self.profile["preprocess"]["windows"]
+        initial = to_record(create_classifier_model(self.cls, windows).state_dict())
+        s = self.settings
+        with_synthesis = s.synthesis != "none"
+        arms = {"federated": self.train_stage("cls", initial, s.cls_rounds,
+                                              config={"arm": "federated", "use-synthetic": with_synthesis})}
+        if "no-synthesis" in s.arms and with_synthesis:
+            # Same rounds and seeds: only the synthetic ROIs differ.
+            arms["no-synthesis"] = self.train_stage("cls-no-synthesis", initial, s.cls_rounds, action="cls",
+                                                    config={"arm": "no-synthesis", "use-synthetic": False})
+        alone = {}
+        if "local" in s.arms:
+            alone.update({f"local-{c}": (c, with_synthesis) for c in s.train_centers})
+        if "centralized" in s.arms:
+            alone["centralized"] = (POOLED, False)  # synthetic ROIs stay at their sites
+        if alone:
+            arms.update(self.train_alone(initial, alone))
+        return arms
+
+    def train_alone(self, initial: ArrayRecord, arms: dict[str, tuple[str, bool]]) -> dict[str, ArrayRecord]:
+        """Local-only and centralized arms: one message per arm asking its node to train alone
+        for the federated arm's total epochs (rounds x epochs). All arms run at once."""
+        epochs = self.settings.cls_rounds * self.settings.cls_epochs
+        done, todo = {}, {}
+        for arm, (center, synthetic) in arms.items():
+            latest = self.checkpoints.latest(f"cls-{arm}") if self.settings.resume else None
+            if latest is not None:
+                done[arm] = latest[1]
+            else:
+                todo[arm] = (center, synthetic)
+        if todo:
+            messages = {arm: Message(RecordDict({"arrays": initial, "config": ConfigRecord(
+                {"server-round": 1, "epochs": epochs, "arm": arm, "use-synthetic": synthetic})}),
+                dst_node_id=self.centers[center], message_type="train.cls") for arm, (center, synthetic) in todo.items()}
+            replies = self.exchange(messages)
+            for arm, reply in replies.items():
+                if isinstance(reply, str):
+                    self.log(f"cls: arm {arm} failed at {todo[arm][0]}: {reply[:200]}")
+                    continue
+                done[arm] = reply.content["arrays"]
+                self.checkpoints.save(f"cls-{arm}", 1, done[arm], {"metrics": dict(reply.content["metrics"])})
+                self.report["stages"].setdefault("cls-alone", {})[arm] = dict(reply.content["metrics"])
+        self.progress("cls: " + ", ".join(f"{a} {'trained' if a in done else 'FAILED'}" for a in arms)
+                      + f" ({epochs} epochs each)")
+        return done
+
+    def send(self, message_type: str, nodes: dict[str, int], content: RecordDict,
+             per_arm: bool = False) -> dict[str, dict]:
+        """One message per centre; the replies' aggregate metrics (or the error) per centre. With
+        `per_arm`, the "metrics" record plus {"arms": {arm: metrics}} from the "arm.<name>" records."""
+        replies = self.exchange({c: Message(content, dst_node_id=n, message_type=message_type)
+                                 for c, n in nodes.items()})
+        results = {}
+        for center, reply in replies.items():
+            if isinstance(reply, str):
+                results[center] = {"error": reply}
+            elif per_arm:
+                results[center] = {**dict(reply.content.metric_records.get("metrics", {})),
+                                   "arms": {k[len("arm."):]: dict(r) for k, r in reply.content.metric_records.items()
+                                            if k.startswith("arm.")}}
+            else:
+                results[center] = dict(next(iter(reply.content.metric_records.values())))
         return results
+
+    def exchange(self, messages: dict[str, Message]) -> dict[str, Message | str]:
+        """Send keyed messages at once; each key's reply, or the error text (timeouts included)."""
+        by_node = {m.metadata.dst_node_id: key for key, m in messages.items()}
+        if len(by_node) != len(messages):
+            raise RuntimeError("exchange() sends at most one message per node")
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.settings.round_timeout_s)
+        results: dict[str, Message | str] = {key: "no reply before the timeout" for key in messages}
+        for reply in replies:
+            key = by_node.get(reply.metadata.src_node_id)
+            if key is not None:
+                results[key] = reply.error.reason if reply.has_error() else reply
+        return results
+
+
+def arm_view(metrics: dict, arm: str) -> dict:
+    """One arm's metrics at a centre, with the centre's counts (or its error)."""
+    if "error" in metrics:
+        return {"error": metrics["error"]}
+    counts = {k: v for k, v in metrics.items() if k != "arms"}
+    return {**counts, **metrics.get("arms", {}).get(arm, {"error": "arm not scored"})}
 
 
 def _without_histograms(results: dict[str, dict]) -> dict[str, dict]:

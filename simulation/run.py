@@ -96,7 +96,9 @@ def runtime_pids(port: int) -> list[int]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if needle in (proc / "cmdline").read_bytes():
+                cmdline = (proc / "cmdline").read_bytes()
+                # The SuperLink's long-lived executor also names the address: it is not the runtime.
+                if needle in cmdline and b"flower-superexec" not in cmdline and b"flower-superlink" not in cmdline:
                     pids.append(int(proc.name))
             except OSError:
                 continue
@@ -127,7 +129,7 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
                   "data-root": str(Path(settings.data_root).resolve())}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     # One virtual node per centre with one CPU each; Ray runs as many at once as it has CPUs.
-    federation = (f"num-supernodes={len(settings.centers)} client-resources-num-cpus=1 "
+    federation = (f"num-supernodes={len(settings.node_centers)} client-resources-num-cpus=1 "
                   f"init-args-num-cpus={num_cpus}")
     superlink = start_superlink(flwr_home, port, out / "superlink.log")
     try:
@@ -168,7 +170,7 @@ def wait_for_run_end(port: int, report_path: Path, deadline: float) -> None:
 
 def last_error(log_path: Path) -> str | None:
     """The last exception line the ServerApp logged, for a one-line failure message."""
-    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines()]
+    lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
     errors = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln) and not ln.startswith("File ")]
     return errors[-1][:300] if errors else None
 

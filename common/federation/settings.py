@@ -12,6 +12,13 @@ from common.errors import ConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 RATIOS = ("none", "1:1", "1:2")
+# Classifier arms compared on the held-out centres (all share the federated segmentation model):
+#   federated     FedAvg-style rounds over the training centres (with on-site synthesis if enabled)
+#   no-synthesis  the same rounds, seeds and budget without synthetic ROIs (ablation)
+#   local         each training centre alone, same total epochs (one model per centre)
+#   centralized   one virtual node holding every training centre's cases (simulation only)
+ARMS = ("federated", "no-synthesis", "local", "centralized")
+POOLED = "pooled"  # the centralized arm's virtual node
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -30,12 +37,16 @@ class FederationSettings:
     fedbn: bool = False
     dp_noise_multiplier: float = 0.0  # > 0: Flower's server-side DP (fixed clipping + Gaussian noise)
     dp_clipping_norm: float = 1.0
+    dp_sgd_noise_multiplier: float = 0.0  # > 0: client-side DP-SGD (Opacus) for the classifier, per patient
+    dp_sgd_max_grad_norm: float = 1.0
+    dp_sgd_delta: float = 1e-5
     seg_model: str = ""  # empty: the profile's segmentation model
     seg_rounds: int = 3
     seg_epochs: int = 1  # local epochs per round
     cls_rounds: int = 3
     cls_epochs: int = 1
     synthesis: str = "1:2"
+    arms: tuple[str, ...] = ("federated",)
     round_timeout_s: float = 3600.0
     node_wait_s: float = 120.0
     out_dir: str = "runs/federation"
@@ -48,6 +59,11 @@ class FederationSettings:
             raise ConfigError("strategy 'fedprox' needs proximal-mu > 0")
         if self.synthesis not in RATIOS:
             raise ConfigError(f"synthesis {self.synthesis!r} unknown; use one of {', '.join(RATIOS)}")
+        unknown_arms = set(self.arms) - set(ARMS)
+        if unknown_arms or "federated" not in self.arms:
+            raise ConfigError(f"arms {','.join(self.arms)!r}: must include 'federated', from {', '.join(ARMS)}")
+        if POOLED in self.centers:
+            raise ConfigError(f"centre id {POOLED!r} is reserved for the centralized arm's pooled node")
         for name in ("seg_rounds", "cls_rounds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 0")
@@ -56,6 +72,10 @@ class FederationSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
         if self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
             raise ConfigError("dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
+        if self.dp_sgd_noise_multiplier < 0 or self.dp_sgd_max_grad_norm <= 0 or not 0 < self.dp_sgd_delta < 1:
+            raise ConfigError("dp-sgd-noise-multiplier must be >= 0, dp-sgd-max-grad-norm > 0 and 0 < dp-sgd-delta < 1")
+        if self.dp_sgd_noise_multiplier > 0 and self.proximal_mu > 0:
+            raise ConfigError("dp-sgd-noise-multiplier with proximal-mu: DP-SGD has no proximal term; use fedavg")
         if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
             raise ConfigError("round-timeout-s and node-wait-s must be > 0")
         unknown = set(self.test_centers) - set(self.centers) if self.centers else set()
@@ -67,6 +87,11 @@ class FederationSettings:
     @property
     def train_centers(self) -> tuple[str, ...]:
         return tuple(c for c in self.centers if c not in self.test_centers)
+
+    @property
+    def node_centers(self) -> tuple[str, ...]:
+        """Centres with a node, in partition-id order; the pooled node last when it is needed."""
+        return self.centers + ((POOLED,) if "centralized" in self.arms else ())
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationSettings":
