@@ -174,14 +174,17 @@ def train_cls(message: Message, context: Context) -> Message:
     use_synthetic = (bool(config.get("use-synthetic", site.settings.synthesis != "none"))
                      and site.settings.dp_sgd_noise_multiplier == 0)
     extra, extra_masks = synthetic_rois(site) if use_synthetic else (None, None)
-    steps_per_epoch = max(1, sum(len(r.images) for r in fit) // site.cls.batch_size)
+    settings = site.settings
+    if settings.dp_sgd_noise_multiplier > 0:  # DP-SGD draws patients, not slices
+        steps_per_epoch = max(1, len(fit) // max(1, min(site.cls.batch_size, len(fit))))
+    else:
+        steps_per_epoch = max(1, sum(len(r.images) for r in fit) // site.cls.batch_size)
     if "epochs" in config:
         epochs, offset, total = int(config["epochs"]), 0, None
     else:
         epochs = site.settings.cls_epochs
         offset = (server_round - 1) * epochs * steps_per_epoch
         total = site.settings.cls_rounds * epochs * steps_per_epoch
-    settings = site.settings
     if settings.dp_sgd_noise_multiplier > 0:
         # Patient-level DP-SGD; synthetic ROIs are left out (their generator is not private).
         dp = DPSettings(settings.dp_sgd_noise_multiplier, settings.dp_sgd_max_grad_norm, settings.dp_sgd_delta)
@@ -196,7 +199,7 @@ def train_cls(message: Message, context: Context) -> Message:
     else:
         result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
                                   extra_he_masks=extra_masks, proximal_mu=settings.proximal_mu, settings=site.cls,
-                                  windows=site.profile["preprocess"]["windows"],
+                                  windows=site.profile["preprocess"]["windows"], aux_targets=dataset.markers or None,
                                   schedule_offset=offset, schedule_total=total)
         metrics = {"train-loss": result.metrics["train_loss"], "num-synthetic": int(result.metrics.get("num_extra", 0)),
                    "seconds": float(result.metrics.get("seconds", 0.0))}

@@ -54,7 +54,9 @@ class Site:
         """ROIs of the labelled cases with reference masks (built once per process), split into
         a fit part and a validation part for the federated operating point."""
         if self._rois is None:
-            dataset = build_roi_dataset(self.cases, self.cls, with_markers=False)
+            # Marker features (volume, density, shape) are the auxiliary regression targets of
+            # the classifier; they are computed and used here, on site.
+            dataset = build_roi_dataset(self.cases, self.cls, with_markers=self.cls.aux_weight > 0)
             # Split each source centre on its own, so that the pooled node holds out exactly the
             # cases the training centres hold out.
             fit, val = [], []

@@ -173,8 +173,8 @@ def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
         data_root=str(data.resolve()), centers=tuple(train) + tuple(test), test_centers=tuple(test),
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
         dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
-        seg_rounds=args.seg_rounds, cls_rounds=args.cls_rounds, synthesis=args.synthesis,
-        out_dir=str((Path(args.out) / "federation").resolve()))
+        seg_rounds=args.seg_rounds, seg_epochs=args.seg_epochs, cls_rounds=args.cls_rounds, cls_epochs=args.cls_epochs,
+        synthesis=args.synthesis, out_dir=str((Path(args.out) / "federation").resolve()))
     return settings, cohort
 
 
@@ -242,7 +242,9 @@ def federation_arguments(p: argparse.ArgumentParser, out: str) -> None:
                    help="> 0: server-side differential privacy (clipped site updates, Gaussian noise)")
     p.add_argument("--dp-clipping-norm", type=float, default=1.0, help="L2 bound of each site's update under DP")
     p.add_argument("--seg-rounds", type=int, default=3)
+    p.add_argument("--seg-epochs", type=int, default=2, help="local segmentation epochs per round")
     p.add_argument("--cls-rounds", type=int, default=3)
+    p.add_argument("--cls-epochs", type=int, default=4, help="local classifier epochs per round")
     p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
 
 

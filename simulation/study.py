@@ -23,6 +23,7 @@ from rich.table import Table
 from common.federation.settings import ARMS, FederationSettings
 from simulation.metrics import study_metrics
 from simulation.report import write_report
+from simulation.resources import PeakMemory
 from simulation.run import run_local_federation
 
 STEP = re.compile(r"hemex: \[(\d+)/(\d+)\] (.*)")
@@ -47,7 +48,7 @@ def run_study(settings: FederationSettings, out: Path, *, leave_one_out: bool = 
     started = time.time()
     reports = []
     runs = folds_of(settings, leave_one_out)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with PeakMemory() as memory, Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
                   transient=False) as progress:
         for index, (name, fold) in enumerate(runs, start=1):
@@ -68,13 +69,15 @@ def run_study(settings: FederationSettings, out: Path, *, leave_one_out: bool = 
             progress.update(task, description=f"{label}done")
     metrics = study_metrics(reports, Path(settings.data_root), settings.seed, cohort)
     elapsed = time.time() - started
-    metrics["seconds"] = elapsed
+    metrics["resources"] = {"seconds": elapsed, "peak_memory_gib": memory.peak_bytes / 2**30,
+                            "cpus": os.cpu_count()}
     write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", {"study": {"leave_one_out": leave_one_out, "cohort": cohort, "out": str(out)},
                                      "run_config": settings.to_run_config(),
                                      "folds": [r["settings"] for r in reports]})
     md, html = write_report(metrics, reports, out, elapsed)
     print_study_summary(metrics, console)
+    console.print(f"Peak memory of the study (all processes, PSS): {memory.peak_bytes / 2**30:.2f} GiB")
     console.print(f"Wrote {out}/metrics.json, {md.name}, {html.name}, figures and the model bundle(s) "
                   f"({', '.join(str(Path(r['settings']['out-dir']) / 'model') for r in reports)}) "
                   f"in {elapsed / 60:.1f} min")

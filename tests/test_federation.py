@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +178,33 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     for reply in (info, train, evaluation, synth):
         for record in reply.content.values():
             if isinstance(record, MetricRecord):
-                assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 8
+                assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 12
+
+    # Classifier under client-side DP-SGD: weights plus the site's epsilon, composed over rounds.
+    dp_settings = settings_for(tiny, tmp_path / "dp", dp_sgd_noise_multiplier=1.0, dp_sgd_delta=1e-3)
+    site = Site("center1", tiny / "center1", dp_settings)
+    cls_weights = ArrayRecord(client_app.cls_model(site).state_dict())
+    state = RecordDict()
+    epsilons = []
+    for server_round in (1, 2):
+        trained = call_client(client_app.app, "train.cls", RecordDict(
+            {"arrays": cls_weights, "config": ConfigRecord({"server-round": server_round})}), 0, dp_settings, state)
+        metrics = dict(trained.content["metrics"])
+        assert set(trained.content.keys()) == {"arrays", "metrics"} and metrics["num-synthetic"] == 0
+        assert metrics["dp-delta"] == 1e-3 and 0 < metrics["dp-epsilon"] < float("inf")
+        epsilons.append(metrics["dp-epsilon"])
+    assert epsilons[1] > epsilons[0]  # the second round's epsilon covers both rounds
+    # Several arms scored together on the same cases: aggregates per arm, paired test on site.
+    other = trained.content["arrays"]
+    scored = call_client(client_app.app, "evaluate.cls", RecordDict(
+        {"arm.federated": cls_weights, "arm.local-center1": other,
+         "config": ConfigRecord({"split": "all", "federated.threshold": 0.5})}), 0, dp_settings, state)
+    assert set(scored.content.keys()) == {"metrics", "arm.federated", "arm.local-center1"}
+    assert dict(scored.content["metrics"])["num-examples"] == 10
+    local = dict(scored.content["arm.local-center1"])
+    assert 0 <= local["auc-lo"] <= local["auc"] <= local["auc-hi"] <= 1 and 0 <= local["vs-federated-p"] <= 1
+    assert "sensitivity" in dict(scored.content["arm.federated"]) and "sensitivity" not in local
+    assert all(len(r) <= 64 for r in scored.content.metric_records.values())
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,13 +224,27 @@ def flower_processes() -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def federation(tiny_cohort, tmp_path_factory):
-    from simulation.run import run_local_federation
+STUDY = ["--profile", "smoke", "--seg-rounds", "2", "--cls-rounds", "1", "--synthesis", "1:2", "--seed", "0"]
 
-    out = tmp_path_factory.mktemp("fed") / "run"
-    report = run_local_federation(settings_for(tiny_cohort, out, cls_rounds=1, synthesis="1:2"))
-    return out, report
+
+@pytest.fixture(scope="module")
+def study(tiny_cohort, tmp_path_factory):
+    """The main job, `hemex simulate`, end to end on the tiny cohort (smoke budgets): every arm
+    through one real simulated federation. Its federation report serves the tests below."""
+    out = tmp_path_factory.mktemp("study") / "run"
+    done = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--data", str(tiny_cohort),
+                           "--train-centers", "center1,center2,center3", "--test-centers", "center4,center5",
+                           "--out", str(out), *STUDY], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "federation" / "federation.json").read_text(encoding="utf-8"))
+    return out, report, done.stdout
+
+
+@pytest.fixture(scope="module")
+def federation(study):
+    out, report, _ = study
+    return out / "federation", report
 
 
 @pytest.mark.slow
@@ -229,6 +271,14 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
         assert cls["final"][center]["num-examples"] + cls["final"][center]["num-excluded"] == 10
         assert 0.0 <= cls["final"][center]["brier"] <= 1.0
     assert (out / "model" / "classifier" / "classifier.safetensors").is_file()
+    # The other arms: the no-synthesis rounds also train only the training centres; local-only
+    # and centralized models train alone on their own node (the pooled node = the three centres).
+    assert [set(r["train"]["sent_bytes"]) for r in report["stages"]["cls-no-synthesis"]["rounds"]] == \
+        [{"center1", "center2", "center3"}]
+    alone = report["stages"]["cls-alone"]
+    assert set(alone) == {"local-center1", "local-center2", "local-center3", "centralized"}
+    assert alone["centralized"]["num-examples"] == sum(alone[f"local-center{i}"]["num-examples"] for i in (1, 2, 3))
+    assert alone["centralized"]["num-synthetic"] == 0 and alone["local-center1"]["num-synthetic"] > 0
     from common.inference.bundle import load_bundle
 
     load_bundle(out / "model")  # the bundle `hemex predict` loads: every checksum verifies
@@ -237,24 +287,99 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
 
 
 @pytest.mark.slow
-def test_resume_after_a_stop_reaches_the_same_weights(federation, tiny, tmp_path):
+def test_resume_after_a_stop_reaches_the_same_weights_and_metrics(federation, tmp_path):
     from simulation.run import run_local_federation
 
-    out, _ = federation
+    out, report = federation
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    # The run "stopped" after round 1: keep only round 1's checkpoint.
+    # The run "stopped" after segmentation round 1: keep only round 1's checkpoint.
     shutil.copy(out / "checkpoints" / "seg-round001.safetensors", resumed / "checkpoints")
     state = json.loads((out / "checkpoints" / "seg.json").read_text(encoding="utf-8"))
     state.update(round=1, weights="seg-round001.safetensors", history=state["history"][:1])
     (resumed / "checkpoints" / "seg.json").write_text(json.dumps(state), encoding="utf-8")
-    report = run_local_federation(settings_for(tiny, resumed))
-    assert report["stages"]["seg"]["resumed_after"] == 1
-    expected = load_file(str(out / "checkpoints" / "seg-round002.safetensors"))
-    actual = load_file(str(resumed / "checkpoints" / "seg-round002.safetensors"))
-    assert set(expected) == set(actual)
-    for key in expected:
-        np.testing.assert_allclose(actual[key].numpy(), expected[key].numpy(), atol=1e-5, err_msg=key)
+    settings = FederationSettings.from_run_config({**report["settings"], "out-dir": str(resumed)})
+    again = run_local_federation(settings)
+    assert again["stages"]["seg"]["resumed_after"] == 1
+    for name in ("seg-round002", "cls-round001", "cls-local-center2-round001", "cls-centralized-round001"):
+        expected = load_file(str(out / "checkpoints" / f"{name}.safetensors"))
+        actual = load_file(str(resumed / "checkpoints" / f"{name}.safetensors"))
+        assert set(expected) == set(actual)
+        for key in expected:
+            np.testing.assert_allclose(actual[key].numpy(), expected[key].numpy(), atol=1e-5, err_msg=f"{name} {key}")
+    # Same seed, same metrics: every arm's external scores are reproduced.
+    for arm, record in report["stages"]["cls"]["arms"].items():
+        for center, metrics in record["external"].items():
+            redo = again["stages"]["cls"]["arms"][arm]["external"][center]
+            for key in ("auc", "brier", "num-examples"):
+                if key in metrics:
+                    assert redo[key] == pytest.approx(metrics[key], abs=1e-6), (arm, center, key)
+
+
+@pytest.mark.slow
+def test_simulate_writes_schema_valid_metrics_and_a_report(study, tiny):
+    from simulation.metrics import validate
+
+    out, report, stdout = study
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    validate(metrics)
+    assert set(metrics["arms"]) == {"federated", "no-synthesis", "local-center1", "local-center2", "local-center3",
+                                    "centralized"}
+    truth = {}
+    for line in (tiny / "truth.csv").read_text(encoding="utf-8").splitlines()[1:]:
+        center = line.split(",")[0]
+        truth[center] = truth.get(center, 0) + 1
+    for arm, slot in metrics["arms"].items():
+        assert set(slot["centers"]) == {"center4", "center5"}
+        for center, entry in slot["centers"].items():
+            assert entry["n"] + report["stages"]["cls"]["final"][center]["num-excluded"] == truth[center] == 10
+            assert entry["n_he"] <= 2 and 0.0 <= entry["oracle_auc"] <= 1.0
+            assert (arm == "federated") == ("vs_federated" not in entry)
+        assert slot["pooled"]["n"] == sum(e["n"] for e in slot["centers"].values())
+    fed = metrics["arms"]["federated"]["centers"]["center4"]
+    assert fed["auc"] == pytest.approx(report["stages"]["cls"]["final"]["center4"]["auc"])
+    assert fed["dice"] == pytest.approx(report["stages"]["seg"]["final"]["center4"]["dice"])
+    for name in ("report.md", "report.html", "roc_external.png", "calibration_external.png", "dice.png",
+                 "learning_curves.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Pooled external result" in markdown and "local-center2" in markdown and "quality.png" in markdown
+    assert "<table>" in (out / "report.html").read_text(encoding="utf-8")
+    assert "external AUC per arm" in stdout  # the terminal summary
+
+
+def test_pooled_external_auc_is_the_inverse_variance_combination():
+    from simulation.metrics import fixed_effect, pooled_entry
+
+    est, se = fixed_effect([0.7, 0.8], [0.1, 0.05])
+    assert est == pytest.approx((0.7 / 0.01 + 0.8 / 0.0025) / (1 / 0.01 + 1 / 0.0025))
+    assert se == pytest.approx((1 / 0.01 + 1 / 0.0025) ** -0.5)
+    centers = {
+        "a": {"n": 10, "n_he": 2, "auc": 0.7, "auc_se": 0.1, "sensitivity": 0.5, "specificity": 0.75, "brier": 0.2,
+              "dice": 0.6, "volume_mae_ml": 3.0, "n_seg": 10, "vs_federated": {"diff": 0.1, "se": 0.1, "p": 0.3}},
+        "b": {"n": 30, "n_he": 6, "auc": 0.8, "auc_se": 0.05, "sensitivity": 1.0, "specificity": 0.5, "brier": 0.1,
+              "dice": 0.8, "volume_mae_ml": 1.0, "n_seg": 30, "vs_federated": {"diff": -0.1, "se": 0.1, "p": 0.3}},
+    }
+    pooled = pooled_entry(centers, {})
+    assert pooled["auc"] == pytest.approx(est)
+    assert pooled["sensitivity"] == pytest.approx((0.5 * 2 + 1.0 * 6) / 8)
+    assert pooled["specificity"] == pytest.approx((0.75 * 8 + 0.5 * 24) / 32)
+    assert pooled["dice"] == pytest.approx((0.6 * 10 + 0.8 * 30) / 40)
+    assert pooled["vs_federated"]["diff"] == pytest.approx(0.0) and pooled["vs_federated"]["p"] == pytest.approx(1.0)
+
+
+def test_metrics_schema_rejects_an_impossible_auc():
+    from simulation.metrics import validate
+
+    entry = {"n": 1, "n_he": 0, "auc": 1.5, "auc_ci": None, "dice": None, "volume_mae_ml": None,
+             "sensitivity": None, "specificity": None, "brier": None}
+    metrics = {"format": "hemex-study-metrics/1", "seed": 0, "cohort": None, "folds": [{"train": ["a"], "test": ["b"]}],
+               "test_centers": ["b"], "arms": {"federated": {"description": "", "shares": [], "centers": {"b": entry},
+                                                             "pooled": {**entry, "auc": 0.5}}}}
+    with pytest.raises(ValueError, match="arms/federated/centers/b/auc"):
+        validate(metrics)
+    entry["auc"] = 0.5
+    validate(metrics)
 
 
 @pytest.mark.slow

@@ -84,6 +84,36 @@ def test_dicom_series_mask_on_original_grid(bundle, tmp_path):
     result = predict_case(bundle, series, tmp_path / "out")
     check_outputs(tmp_path / "out", source, bundle)
     assert any("slice thickness 6.00 mm outside the training range" in w for w in result["warnings"])
+    assert result["outputs"]["dicom_seg"] == "mask.seg.dcm" and (tmp_path / "out" / "mask.seg.dcm").is_file()
+
+
+def test_dicom_seg_references_the_source_and_holds_the_mask(tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from common.inference.dicom_seg import series_files, write_dicom_seg
+
+    series = tmp_path / "dicom_case"
+    image = head_ct(spacing=(0.8, 0.8, 5.0))
+    io.write_dicom_series(image, series, "P002")
+    source = io.read_ct(series)
+    hu = sitk.GetArrayFromImage(source)
+    mask = sitk.GetImageFromArray(((hu > 50) & (hu < 100)).astype(np.uint8))  # the planted clot
+    mask.CopyInformation(source)
+    path = write_dicom_seg(series, mask, tmp_path / "mask.seg.dcm", "test-1")
+    seg = hd.seg.segread(path)
+    sources = [pydicom.dcmread(f) for f in series_files(series)]
+    assert seg.Modality == "SEG" and seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {r.ReferencedSOPInstanceUID for r in referenced.ReferencedInstanceSequence} == \
+        {d.SOPInstanceUID for d in sources}
+    assert seg.SegmentSequence[0].SegmentLabel == "hematoma"
+    uids = [d.SOPInstanceUID for d in sources]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
+                                               assert_missing_frames_are_empty=True)[..., 0]
+    expected = sitk.GetArrayFromImage(mask)
+    assert expected.sum() > 0 and np.array_equal(pixels, expected)  # frame k = the k-th slice GDCM sorts
 
 
 def test_volume_ml_of_a_known_phantom():

@@ -42,9 +42,9 @@ class FederationSettings:
     dp_sgd_delta: float = 1e-5
     seg_model: str = ""  # empty: the profile's segmentation model
     seg_rounds: int = 3
-    seg_epochs: int = 1  # local epochs per round
+    seg_epochs: int = 2  # local epochs per round
     cls_rounds: int = 3
-    cls_epochs: int = 1
+    cls_epochs: int = 4  # x cls-rounds = the profile's 12 classifier epochs
     synthesis: str = "1:2"
     arms: tuple[str, ...] = ("federated",)
     round_timeout_s: float = 3600.0

@@ -23,7 +23,8 @@ thickness X mm outside the training range" when the bundle's preprocessing recor
 slice_thickness_mm = [min, max] (bundles without it are not checked); a missing threshold.
 Batch mode writes OUT/<case>/... per case and OUT/summary.json.
 
-DICOM SEG output (highdicom) is not written: highdicom is not installed in this environment.
+For a DICOM series input the mask is also written as a DICOM SEG object, mask.seg.dcm
+(common/inference/dicom_seg.py), referencing the source series and its instances.
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
               "outputs": {"mask": "mask.nii.gz", "report": "report.png"}}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(mask_original, out_dir / "mask.nii.gz")
+    if Path(input_path).is_dir():  # a DICOM series: the mask also as DICOM SEG for PACS viewers
+        from common.inference.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(input_path, mask_original, out_dir / "mask.seg.dcm", bundle.version)
+        result["outputs"]["dicom_seg"] = "mask.seg.dcm"
     write_report(native.hu, mask_native, native.spacing, out_dir / "report.png",
                  title=f"{result['case']}: hematoma {volume:.1f} mL, HE probability "
                        + ("n/a" if probability is None else f"{probability:.2f} ({result['band']})"))

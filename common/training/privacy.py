@@ -88,6 +88,7 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
     loader = DataLoader(dataset, batch_size=batch, generator=torch.Generator().manual_seed(seed + 1))
     pos_weight = torch.tensor((len(labels) - sum(labels)) / sum(labels) if settings.balance == "weighted_loss" else 1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()  # Opacus validates the module in training mode
     engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG and functorch fallbacks
@@ -100,26 +101,28 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
     widths = [float(w) for _, w in windows]
     losses, step, start = [], 0, time.perf_counter()
     try:
-        private.train()
-        for _ in range(epochs):
-            for xb, yb in loader:
-                if len(xb) == 0:  # Poisson sampling can draw an empty batch: still a (noise-only) step
+        with warnings.catch_warnings():
+            # functorch's fallback for CPU attention is slower but exact
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            private.train()
+            for _ in range(epochs):
+                for xb, yb in loader:
+                    if len(xb) == 0:  # Poisson sampling drew nobody: the step still releases noise
+                        noise_only_step(optimizer, dp, batch)
+                        step += 1
+                        continue
+                    if settings.augment:
+                        xb = augment_batch(xb, settings, generator, widths)
+                    for group in optimizer.param_groups:
+                        group["lr"] = settings.lr * lr_at(schedule_offset + step, total, settings.warmup_fraction)
+                    loss = F.binary_cross_entropy_with_logits(private(xb)[:, 0], yb, pos_weight=pos_weight)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"DP-SGD classifier loss became {loss.item()} at step {step}")
                     optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                     optimizer.step()
+                    losses.append(loss.item())
                     step += 1
-                    continue
-                if settings.augment:
-                    xb = augment_batch(xb, settings, generator, widths)
-                for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * lr_at(schedule_offset + step, total, settings.warmup_fraction)
-                loss = F.binary_cross_entropy_with_logits(private(xb)[:, 0], yb, pos_weight=pos_weight)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"DP-SGD classifier loss became {loss.item()} at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
     finally:
         private._close()  # detach Opacus' hooks: `model` is a plain module again
     model.eval()
@@ -127,3 +130,16 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
     return {"train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"), "steps": step,
             "total_steps": all_steps, "sample_rate": sample_rate, "epsilon": epsilon(dp, sample_rate, all_steps),
             "delta": dp.delta, "seconds": time.perf_counter() - start}
+
+
+def noise_only_step(optimizer, dp: DPSettings, expected_batch: int) -> None:
+    """DP-SGD on an empty batch: zero clipped gradients plus the same Gaussian noise, scaled
+    as Opacus scales it (by the expected batch size). Skipping the step would reveal that the
+    batch was empty, which depends on who was sampled."""
+    for group in optimizer.original_optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad:
+                param.grad = torch.normal(0.0, dp.noise_multiplier * dp.max_grad_norm, param.shape) / expected_batch
+    optimizer.original_optimizer.step()
+    optimizer.original_optimizer.zero_grad(set_to_none=True)
+

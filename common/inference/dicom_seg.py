@@ -1,0 +1,59 @@
+"""DICOM SEG (highdicom) of a predicted hematoma mask, referencing the source CT series.
+
+The mask is on the original grid of the series as SimpleITK read it, whose slices follow GDCM's
+position ordering; the source datasets are read in that same order, so frame k of the mask is
+the k-th file GDCM sorted. One binary segment, "hematoma" (SCT 35566002), produced by an
+automatic algorithm identified by hemex and the bundle's model version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from common import __version__
+from common.errors import DataError
+
+
+def series_files(folder: Path) -> list[str]:
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if len(ids) != 1:
+        raise DataError(folder, f"expected one DICOM series, found {len(ids)}")
+    return list(reader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+
+
+def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_version: str) -> Path:
+    """Write `mask` (uint8 on the series' own grid) as a DICOM SEG at `path` (atomically)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(f) for f in series_files(Path(series_folder))]
+    pixels = (sitk.GetArrayFromImage(mask) > 0).astype(np.uint8)  # (frames, rows, columns)
+    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    if pixels.shape != expected:
+        raise DataError(series_folder, f"mask shape {pixels.shape} does not match the series {expected}")
+    algorithm = hd.AlgorithmIdentificationSequence(name="hemex", version=model_version,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="hematoma",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Hematoma,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=900,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="hemex", manufacturer_model_name="hemex",
+        software_versions=__version__, device_serial_number="hemex",
+        series_description="hemex hematoma segmentation",
+        # An empty mask is still a result ("no hematoma found"): keep every frame.
+        omit_empty_frames=bool(pixels.any()))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    seg.save_as(tmp)
+    os.replace(tmp, path)
+    return path
