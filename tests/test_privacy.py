@@ -18,7 +18,9 @@ from common.training.classification import ClassifierSettings, case_logits, crea
 from common.training.privacy import DPSettings, PatientSlices, epsilon, train_classifier_dp
 
 torch.set_num_threads(1)
-SETTINGS = ClassifierSettings(**{**SMALL, "batch_size": 16, "lr": 3e-3, "aux_weight": 0.0, "tta": False})
+# Stochastic depth on, as in the profiles: DP-SGD must switch it off for per-sample gradients.
+SETTINGS = ClassifierSettings(**{**SMALL, "batch_size": 16, "lr": 3e-3, "aux_weight": 0.0, "tta": False,
+                                 "drop_path_rate": 0.05})
 
 
 def dense_clots(n: int, seed: int, p: int = 32, k: int = 2) -> list[CaseROIs]:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -89,6 +90,11 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
     pos_weight = torch.tensor((len(labels) - sum(labels)) / sum(labels) if settings.balance == "weighted_loss" else 1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()  # Opacus validates the module in training mode
+    # Per-sample gradients (functorch vmap, set up now) cannot run random layers: stochastic depth
+    # and dropout stay off under DP-SGD, whose noise already regularizes.
+    for module in model.modules():
+        if isinstance(module, (DropPath, nn.Dropout)):
+            module.eval()
     engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG and functorch fallbacks
@@ -104,7 +110,6 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
         with warnings.catch_warnings():
             # functorch's fallback for CPU attention is slower but exact
             warnings.filterwarnings("ignore", message=".*batching rule.*")
-            private.train()
             for _ in range(epochs):
                 for xb, yb in loader:
                     if len(xb) == 0:  # Poisson sampling drew nobody: the step still releases noise
