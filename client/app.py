@@ -15,6 +15,8 @@ Every reply passes `check_reply`: model weights and aggregate scalars, nothing p
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import SimpleITK as sitk
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -68,6 +70,7 @@ def info(message: Message, context: Context) -> Message:
 
 @app.train("seg")
 def train_seg(message: Message, context: Context) -> Message:
+    started = time.perf_counter()
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))  # global round after a resume
@@ -92,7 +95,7 @@ def train_seg(message: Message, context: Context) -> Message:
     if local_keys:
         context.state["seg-local-norm"] = to_record({k: state[k] for k in local_keys})
     metrics = {"num-examples": len(site.fit_cases), "train-loss": result.metrics["train_loss"],
-               "seconds": result.metrics.get("seconds", 0.0)}
+               "seconds": result.metrics.get("seconds", 0.0), "handler-seconds": time.perf_counter() - started}
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
                  model_keys=set(state))
 
@@ -161,6 +164,7 @@ def synthesize(message: Message, context: Context) -> Message:
 def train_cls(message: Message, context: Context) -> Message:
     """One federated round (the strategy's messages), or, with config `epochs`, a whole local
     training run from the given weights (the local-only and centralized arms)."""
+    started = time.perf_counter()
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
@@ -206,7 +210,8 @@ def train_cls(message: Message, context: Context) -> Message:
     state = model.state_dict()
     if local_keys:
         context.state[f"{state_stage(arm)}-local-norm"] = to_record({k: state[k] for k in local_keys})
-    metrics.update({"num-examples": len(fit), "num-excluded": len(dataset.excluded)})
+    metrics.update({"num-examples": len(fit), "num-excluded": len(dataset.excluded),
+                    "handler-seconds": time.perf_counter() - started})
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
                  model_keys=set(state))
 

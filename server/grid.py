@@ -8,6 +8,7 @@ records per-centre metrics and bytes of every round.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Iterable
 
@@ -54,13 +55,15 @@ class StageGrid(Grid):
                                   group_id=message.metadata.group_id))
         if not routed:
             return []
+        started = time.perf_counter()
         replies = list(self.grid.send_and_receive(routed, timeout=timeout))
-        self._record(routed, replies)
+        self._record(routed, replies, time.perf_counter() - started)
         return replies
 
-    def _record(self, sent: list[Message], replies: list[Message]) -> None:
+    def _record(self, sent: list[Message], replies: list[Message], wall_s: float) -> None:
         kind = sent[0].metadata.message_type
-        entry = {"sent_bytes": {}, "reply_bytes": {}, "metrics": {}, "errors": {}}
+        # wall_s against the sites' own "seconds" metric gives Flower's share of a round.
+        entry = {"sent_bytes": {}, "reply_bytes": {}, "metrics": {}, "errors": {}, "wall_s": wall_s}
         for message in sent:
             center = self.node_centers[message.metadata.dst_node_id]
             entry["sent_bytes"][center] = sum(r.count_bytes() for r in message.content.array_records.values())

@@ -121,6 +121,32 @@ def pooled_entry(centers: dict[str, dict], oracle: dict[str, dict]) -> dict:
     return pooled
 
 
+def compute_bound_s(handler_seconds: list[float], workers: int = 2) -> float:
+    """Shortest wall time the sites' own work allows on `workers` parallel slots."""
+    return max(max(handler_seconds), sum(handler_seconds) / workers) if handler_seconds else 0.0
+
+
+def traffic(report: dict, workers: int = 2) -> dict:
+    """Per trained stage: model size, bytes per site per round, round wall time, and the share
+    of it not explained by the sites' handler time (Flower messaging, scheduling, Ray)."""
+    out = {}
+    for stage, record in report["stages"].items():
+        rounds = [r for r in record.get("rounds", []) if "train" in r] if isinstance(record, dict) else []
+        if not rounds:
+            continue
+        sent = [b for r in rounds for b in r["train"]["sent_bytes"].values()]
+        walls = [r["train"].get("wall_s") for r in rounds if r["train"].get("wall_s")]
+        bounds = [compute_bound_s([m.get("handler-seconds", 0.0) for m in r["train"]["metrics"].values()], workers)
+                  for r in rounds if r["train"].get("wall_s")]
+        entry = {"rounds": len(rounds), "model_mib": report.get("model_bytes", {}).get(stage.split("-")[0], 0) / 2**20,
+                 "sent_mib_per_site_per_round": float(np.mean(sent)) / 2**20 if sent else 0.0}
+        if walls:
+            entry["round_wall_s"] = float(np.mean(walls))
+            entry["overhead_share"] = float(np.mean([max(0.0, w - b) / w for w, b in zip(walls, bounds)]))
+        out[stage] = entry
+    return out
+
+
 def study_metrics(folds: list[dict], data_root: Path, seed: int, cohort: str | None) -> dict:
     """metrics.json content from one federation report per fold (one fold unless leave-one-out)."""
     arms: dict[str, dict] = {}
@@ -145,7 +171,8 @@ def study_metrics(folds: list[dict], data_root: Path, seed: int, cohort: str | N
     for slot in arms.values():
         slot["pooled"] = pooled_entry(slot["centers"], oracle_all)
     metrics = {"format": FORMAT, "seed": seed, "cohort": cohort, "data_root": str(data_root),
-               "folds": train_by_fold, "test_centers": test_centers, "arms": arms}
+               "folds": train_by_fold, "test_centers": test_centers, "arms": arms,
+               "traffic": [traffic(report) for report in folds]}
     validate(metrics)
     return metrics
 

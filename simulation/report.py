@@ -197,16 +197,21 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
         lines += ["### Synthetic HE ROIs (per site; they never left the site)", ""]
         lines += [f"{center}: ![synthetic ROIs at {center}]({path})" for center, path in figures["synthetic"]]
         lines.append("")
-    lines += ["## Traffic and time", "", "| fold | stage | rounds | MiB sent per site per round | seconds |",
-              "|---|---|---|---|---|"]
+    lines += ["## Traffic and time", "",
+              "Per trained stage: bytes sent to each site per round (the model, fp32), mean round wall time, "
+              "and the share of it not explained by the sites' own handler time on the available cores "
+              "(Flower messaging, scheduling and Ray).", "",
+              "| fold | stage | rounds | model MiB | MiB sent per site per round | round s | overhead share |",
+              "|---|---|---|---|---|---|---|"]
+    for i, fold in enumerate(metrics.get("traffic", [])):
+        for stage, t in fold.items():
+            lines.append(f"| {i + 1} | {stage} | {t['rounds']} | {t['model_mib']:.2f} | "
+                         f"{t['sent_mib_per_site_per_round']:.2f} | {_f(t.get('round_wall_s'), 1)} | "
+                         f"{_f(t.get('overhead_share'), 2)} |")
     for i, report in enumerate(folds):
-        sizes = report.get("model_bytes", {})
         timing = report.get("timing", {})
-        for stage in ("seg", "cls"):
-            if stage in sizes:
-                rounds = len(report["stages"].get(stage, {}).get("rounds", []))
-                lines.append(f"| {i + 1} | {stage} | {rounds} | {sizes[stage] / 2**20:.2f} | "
-                             f"{_f(timing.get(f'{stage}_seconds'), 0)} |")
+        lines += ["", f"Fold {i + 1} phase times: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s"
+                                                              for k, v in timing.items())]
     lines += ["", "## Resolved configuration", "", "```json",
               json.dumps([{"run_config": r["settings"]} for r in folds], indent=1), "```", "",
               "The full configuration of each fold (profile, model and training settings) is in its "

@@ -399,3 +399,15 @@ def test_a_failing_site_does_not_stop_the_federation(tiny, tmp_path):
     assert set(entry["train"]["errors"]) == {"center2"}
     assert set(entry["train"]["reply_bytes"]) == {"center1", "center3"}
     assert "dice" in report["stages"]["seg"]["final"]["center4"]
+
+
+def test_traffic_separates_flower_overhead_from_site_work():
+    from simulation.metrics import compute_bound_s, traffic
+
+    assert compute_bound_s([10.0, 10.0, 10.0], workers=2) == 15.0  # three sites in two slots
+    assert compute_bound_s([30.0, 1.0, 1.0], workers=2) == 30.0
+    round_entry = {"round": 1, "train": {"sent_bytes": {"a": 2**20, "b": 2**20}, "wall_s": 20.0,
+                                         "metrics": {"a": {"handler-seconds": 16.0}, "b": {"handler-seconds": 4.0}}}}
+    report = {"model_bytes": {"seg": 2**20}, "stages": {"seg": {"rounds": [round_entry]}, "synth": {"a": {}}}}
+    assert traffic(report) == {"seg": {"rounds": 1, "model_mib": 1.0, "sent_mib_per_site_per_round": 1.0,
+                                       "round_wall_s": 20.0, "overhead_share": pytest.approx(0.2)}}
