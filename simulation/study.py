@@ -35,7 +35,7 @@ def folds_of(settings: FederationSettings, leave_one_out: bool) -> list[tuple[st
         return [("", settings)]
     centers = settings.centers
     return [(f"holdout-{c}", replace(settings, test_centers=(c,),
-                                     out_dir=str(Path(settings.out_dir) / f"holdout-{c}" / "federation")))
+                                     out_dir=str(Path(settings.out_dir).parent / f"holdout-{c}" / "federation")))
             for c in centers]
 
 

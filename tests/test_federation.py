@@ -414,3 +414,16 @@ def test_traffic_separates_flower_overhead_from_site_work():
     report = {"model_bytes": {"seg": 2**20}, "stages": {"seg": {"rounds": [round_entry]}, "synth": {"a": {}}}}
     assert traffic(report) == {"seg": {"rounds": 1, "model_mib": 1.0, "sent_mib_per_site_per_round": 1.0,
                                        "round_wall_s": 20.0, "overhead_share": pytest.approx(0.2)}}
+
+
+def test_leave_one_out_holds_out_each_centre_once(tmp_path):
+    from simulation.study import folds_of
+
+    settings = FederationSettings(data_root=str(tmp_path), centers=("a", "b", "c"), test_centers=(),
+                                  out_dir=str(tmp_path / "federation"))
+    folds = folds_of(settings, leave_one_out=True)
+    assert [name for name, _ in folds] == ["holdout-a", "holdout-b", "holdout-c"]
+    for (name, fold), held in zip(folds, "abc"):
+        assert fold.test_centers == (held,) and held not in fold.train_centers and len(fold.train_centers) == 2
+        assert fold.out_dir == str(tmp_path / name / "federation")  # beside the single-fold federation/
+    assert folds_of(settings, leave_one_out=False) == [("", settings)]
