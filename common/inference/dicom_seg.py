@@ -9,6 +9,7 @@ automatic algorithm identified by hemex and the bundle's model version.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,19 @@ def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_ver
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Hematoma,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings():
+        # highdicom copies the source's patient name and warns about its format: not ours to fix.
+        warnings.filterwarnings("ignore", message=".*intended person name.*")
+        seg = segmentation(hd, sources, pixels, segment)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    seg.save_as(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def segmentation(hd, sources, pixels: np.ndarray, segment):
+    return hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=900,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="hemex", manufacturer_model_name="hemex",
@@ -52,8 +65,3 @@ def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_ver
         series_description="hemex hematoma segmentation",
         # An empty mask is still a result ("no hematoma found"): keep every frame.
         omit_empty_frames=bool(pixels.any()))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    seg.save_as(tmp)
-    os.replace(tmp, path)
-    return path
