@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
@@ -132,6 +133,7 @@ def plot_learning(folds: list[dict], out: Path) -> str:
                         suffix = f" fold{fold_index + 1}" if len(folds) > 1 else ""
                         ax.plot(xs, ys, marker="o", label=f"{name} {center}{suffix}", ls="-" if name == stage else ":")
         ax.set(title=f"{stage}: {kind} {key} per round", xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=6)
     return _save(fig, out / "learning_curves.png")
