@@ -150,14 +150,14 @@ def traffic(report: dict, workers: int = 2) -> dict:
 def study_metrics(folds: list[dict], data_root: Path, seed: int, cohort: str | None) -> dict:
     """metrics.json content from one federation report per fold (one fold unless leave-one-out)."""
     arms: dict[str, dict] = {}
-    test_centers, train_by_fold = [], []
+    test_centers, train_by_fold, oracle = [], [], {}
     for report in folds:
         settings = report["settings"]
         test = [c for c in str(settings["test-centers"]).split(",") if c]
         train = [c for c, info in report["centers"].items() if info["role"] == "train"]
         train_by_fold.append({"train": train, "test": test})
         test_centers += test
-        oracle = oracle_by_center(data_root, test)
+        oracle.update(oracle_by_center(data_root, test))
         seg = report["stages"].get("seg", {}).get("final", {})
         for arm, record in report["stages"].get("cls", {}).get("arms", {}).items():
             slot = arms.setdefault(arm, {"description": describe(arm), "shares": ["segmentation (federated)"],
@@ -167,9 +167,8 @@ def study_metrics(folds: list[dict], data_root: Path, seed: int, cohort: str | N
                                                        seg.get(center, {}), oracle.get(center))
             slot["operating_points"][",".join(test)] = {k: record["operating_point"][k]
                                                         for k in ("threshold", "calib-a", "calib-b", "n")}
-    oracle_all = oracle_by_center(data_root, test_centers)
     for slot in arms.values():
-        slot["pooled"] = pooled_entry(slot["centers"], oracle_all)
+        slot["pooled"] = pooled_entry(slot["centers"], oracle)
     metrics = {"format": FORMAT, "seed": seed, "cohort": cohort, "data_root": str(data_root),
                "folds": train_by_fold, "test_centers": test_centers, "arms": arms,
                "traffic": [traffic(report) for report in folds]}

@@ -9,7 +9,6 @@ and keeps each fold's model bundle under <fold>/federation/model.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from common.federation.settings import ARMS, FederationSettings
+from common.training.classification import write_json
 from simulation.metrics import study_metrics
 from simulation.report import write_report
 from simulation.resources import PeakMemory
@@ -110,9 +110,3 @@ def print_study_summary(metrics: dict, console: Console) -> None:
 
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)

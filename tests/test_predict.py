@@ -91,7 +91,7 @@ def test_dicom_seg_references_the_source_and_holds_the_mask(tmp_path):
     import highdicom as hd
     import pydicom
 
-    from common.inference.dicom_seg import series_files, write_dicom_seg
+    from common.inference.dicom_seg import write_dicom_seg
 
     series = tmp_path / "dicom_case"
     image = head_ct(spacing=(0.8, 0.8, 5.0))
@@ -102,7 +102,7 @@ def test_dicom_seg_references_the_source_and_holds_the_mask(tmp_path):
     mask.CopyInformation(source)
     path = write_dicom_seg(series, mask, tmp_path / "mask.seg.dcm", "test-1")
     seg = hd.seg.segread(path)
-    sources = [pydicom.dcmread(f) for f in series_files(series)]
+    sources = [pydicom.dcmread(f) for f in io.dicom_series_files(series)]
     assert seg.Modality == "SEG" and seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == sources[0].SeriesInstanceUID

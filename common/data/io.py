@@ -23,8 +23,8 @@ TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
 
 
-def read_dicom_series(folder: Path) -> sitk.Image:
-    """A DICOM series folder as one HU volume; slices ordered by position (GDCM), rescale applied."""
+def dicom_series_files(folder: Path) -> list[str]:
+    """The files of the folder's one DICOM series, in GDCM's position order (the volume's z order)."""
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     try:
@@ -35,9 +35,17 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         raise DataError(folder, "no DICOM series found in folder")
     if len(series) > 1:
         raise DataError(folder, f"folder holds {len(series)} DICOM series; put one series per case folder")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
     if len(files) < 2:
         raise DataError(folder, f"DICOM series has {len(files)} slice(s); a head CT volume needs several")
+    return files
+
+
+def read_dicom_series(folder: Path) -> sitk.Image:
+    """A DICOM series folder as one HU volume; slices ordered by position (GDCM), rescale applied."""
+    folder = Path(folder)
+    files = dicom_series_files(folder)
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies slope/intercept; float keeps fractional HU

@@ -16,15 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from common import __version__
+from common.data.io import dicom_series_files
 from common.errors import DataError
-
-
-def series_files(folder: Path) -> list[str]:
-    reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
-    if len(ids) != 1:
-        raise DataError(folder, f"expected one DICOM series, found {len(ids)}")
-    return list(reader.GetGDCMSeriesFileNames(str(folder), ids[0]))
 
 
 def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_version: str) -> Path:
@@ -33,7 +26,7 @@ def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_ver
     import pydicom
     from pydicom.sr.codedict import codes
 
-    sources = [pydicom.dcmread(f) for f in series_files(Path(series_folder))]
+    sources = [pydicom.dcmread(f) for f in dicom_series_files(Path(series_folder))]
     pixels = (sitk.GetArrayFromImage(mask) > 0).astype(np.uint8)  # (frames, rows, columns)
     expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
     if pixels.shape != expected:
