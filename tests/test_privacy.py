@@ -51,8 +51,8 @@ def test_each_example_is_one_patient():
     rois = planted_cohort(6, 0.5, seed=3)
     dataset = PatientSlices(rois, mask_channel=True, generator=torch.Generator().manual_seed(0))
     assert len(dataset) == 6
-    x, y = dataset[0]
-    assert x.shape == (4, 32, 32) and float(y) == rois[0].he  # one slice (3 windows + mask) of patient 0
+    x, markers, y = dataset[0]
+    assert x.shape == (4, 32, 32) and markers.numel() == 0 and float(y) == rois[0].he  # one slice (3 windows + mask) of patient 0
     assert any(torch.equal(x, torch.from_numpy(s[:3])) or torch.equal(x[:3], torch.from_numpy(s))
                for s in rois[0].images)
 

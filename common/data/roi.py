@@ -28,6 +28,9 @@ class CaseROIs:
     centre_mm: tuple[float, float]  # in-plane physical centre (x, y) of every crop
     pixel_mm: float
     he: int | None = None
+    # The case's NCCT markers on the fixed reference scale (common.metrics.markers.marker_vector),
+    # measured on the same mask: the marker input of a marker-fusion classifier.
+    features: np.ndarray | None = None
 
 
 def hematoma_slices(mask: np.ndarray, k: int) -> list[int]:

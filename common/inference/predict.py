@@ -29,6 +29,7 @@ For a DICOM series input the mask is also written as a DICOM SEG object, mask.se
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     import torch
 
     from common.data.roi import extract_rois
+    from common.metrics.markers import marker_features, marker_vector
     from common.training.classification import case_logits
     from common.training.inference import predict_mask
 
@@ -126,7 +128,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     if threshold is None:
         threshold = DEFAULT_THRESHOLD
         warnings.append(f"bundle has no operating threshold; using {DEFAULT_THRESHOLD}")
-    probability = None
+    probability, markers = None, None
     if not mask_native.any():
         warnings.append(NO_HEMATOMA)
     else:
@@ -139,6 +141,9 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
         if cls_mask.any():
             rois = extract_rois(cls_sample, cls_mask, k=settings.k_slices, size_mm=settings.size_mm,
                                 pixels=settings.pixels, windows=bundle.windows)
+            # The NCCT markers of the predicted hematoma: reported, and the input of a fusion classifier.
+            markers = marker_features(cls_sample.hu, cls_mask, cls_sample.spacing, settings.hypodense_hu)
+            rois.features = marker_vector(markers)
             with torch.no_grad():
                 logit = case_logits(bundle.classifier, [rois], settings)[0]
             probability = float(bundle.calibration(logit))
@@ -154,6 +159,8 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
         warnings.append(NO_HEMATOMA)
     result = {"case": case_name(input_path), "input": str(input_path), "volume_ml": round(volume, 3),
               "probability": None if probability is None else round(probability, 4),
+              "markers": None if markers is None else {k: round(float(v), 4) if math.isfinite(v) else None
+                                                       for k, v in markers.items()},
               "band": risk_band(probability, threshold), "threshold": threshold,
               "band_margin": BAND_MARGIN, "model_version": bundle.version, "warnings": warnings,
               "input_geometry": {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),

@@ -41,6 +41,14 @@ from scipy.spatial import ConvexHull, QhullError
 MARKER_NAMES = ("log_volume_ml", "hu_mean", "hu_sd", "hu_cv", "hypodense_fraction", "solidity", "n_components")
 MIN_INTERIOR_VOXELS = 20
 
+# Fixed (centre, spread) per marker for the classifier's marker input: typical values of acute
+# spontaneous ICH on NCCT (median volume ~12 mL, clot ~55-60 HU with SD ~10 HU), not fitted on
+# any cohort, so that every site and every scan is scaled identically without sharing data.
+MARKER_REFERENCE = {"log_volume_ml": (math.log(12.0), 1.2), "hu_mean": (58.0, 8.0), "hu_sd": (10.0, 5.0),
+                    "hu_cv": (0.18, 0.1), "hypodense_fraction": (0.1, 0.1), "solidity": (0.7, 0.15),
+                    "n_components": (1.0, 1.0)}
+MARKER_CLIP = 4.0  # reference spreads; bounds the effect of a wild value (e.g. CV of a tiny mask)
+
 
 def interior(mask: np.ndarray) -> np.ndarray:
     """The mask eroded by one voxel in-plane; the whole mask when that leaves too little."""
@@ -101,3 +109,15 @@ def marker_features(hu: np.ndarray, mask: np.ndarray, spacing, hypodense_hu: flo
         "solidity": solidity(mask, (sz, sy, sx)),
         "n_components": float(count_components(mask, voxel_ml, min_component_ml)),
     }
+
+
+def marker_vector(features: dict[str, float]) -> np.ndarray:
+    """The markers in MARKER_NAMES order on the fixed reference scale, clipped to +-MARKER_CLIP;
+    a missing or non-finite marker counts as the reference value (0)."""
+    out = np.zeros(len(MARKER_NAMES), np.float32)
+    for i, name in enumerate(MARKER_NAMES):
+        value = features.get(name)
+        if value is not None and math.isfinite(float(value)):
+            centre, spread = MARKER_REFERENCE[name]
+            out[i] = np.clip((float(value) - centre) / spread, -MARKER_CLIP, MARKER_CLIP)
+    return out

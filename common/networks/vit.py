@@ -19,6 +19,13 @@ is unchanged (same tokens, position embeddings, blocks and head); the stem makes
 much more stable and sample-efficient when a ViT is trained from scratch on a few hundred
 cases, which is the situation here. GroupNorm rather than BatchNorm keeps the model valid for
 federated averaging and for Opacus. ``stem="patch"`` is the plain ViT.
+
+``marker_inputs=M`` (> 0) wraps the ViT in ``MarkerFusion``: a linear path from the case's M
+quantitative NCCT markers (volume, density, heterogeneity, hypodensity, shape; measured on the
+hematoma mask, see ``common.metrics.markers``) is added to the HE logit, ``model(rois, markers)``.
+A wide-and-deep design: with ~100 training cases a ViT alone learns the image evidence slowly,
+while the markers carry most of what is known to predict expansion; the linear path starts at
+zero, so the fused model begins as the plain ViT and lets training weigh the two.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ CLASSIFIER_PRESETS: dict[str, dict] = {
 }
 DEFAULTS = {"img_size": 64, "patch_size": 8, "in_chans": 3, "num_classes": 1, "drop_rate": 0.1,
             "drop_path_rate": 0.1, "attn_drop_rate": 0.0, "global_pool": "token", "class_token": True,
-            "stem": "patch"}
+            "stem": "patch", "marker_inputs": 0}
 STEMS = ("patch", "conv")
 
 
@@ -93,6 +100,8 @@ def classifier_config(name: str = "vit-tiny-roi", **overrides) -> dict:
         raise ConfigError(f"classifier embed_dim {config['embed_dim']} must be divisible by num_heads {config['num_heads']}")
     if int(config["in_chans"]) < 1 or int(config["num_classes"]) < 1:
         raise ConfigError("classifier in_chans and num_classes must be >= 1")
+    if int(config["marker_inputs"]) < 0:
+        raise ConfigError(f"classifier marker_inputs must be >= 0, got {config['marker_inputs']}")
     if config["stem"] not in STEMS:
         raise ConfigError(f"classifier stem {config['stem']!r} is not one of {', '.join(STEMS)}")
     return config
@@ -107,7 +116,7 @@ def create_classifier(name: str = "vit-tiny-roi", *, weights: str | Path | None 
         overrides: timm keyword arguments, e.g. ``img_size=64, patch_size=8, in_chans=4``.
     """
     config = classifier_config(name, **overrides)
-    stem = config.pop("stem")
+    stem, n_markers = config.pop("stem"), int(config.pop("marker_inputs"))
     if stem == "conv":
         config["embed_layer"] = conv_stem_embed()
     if name in CLASSIFIER_PRESETS:
@@ -125,7 +134,31 @@ def create_classifier(name: str = "vit-tiny-roi", *, weights: str | Path | None 
             raise ConfigError(f"classifier {name!r} does not accept these settings: {err}") from err
     if weights:
         load_local_weights(model, weights)
-    return model
+    return MarkerFusion(model, n_markers) if n_markers > 0 else model
+
+
+class MarkerFusion(nn.Module):
+    """A classifier whose HE logit (output 0) is the ViT's plus a linear function of the case's
+    scaled marker vector; further outputs (auxiliary heads) are the ViT's unchanged."""
+
+    def __init__(self, backbone: nn.Module, marker_inputs: int):
+        super().__init__()
+        self.backbone = backbone
+        self.marker_inputs = int(marker_inputs)
+        self.markers = nn.Linear(self.marker_inputs, 1, bias=False)  # the ViT head holds the bias
+        nn.init.zeros_(self.markers.weight)
+
+    def forward(self, x: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        if markers.shape != (x.shape[0], self.marker_inputs):
+            raise DataError("marker input", f"expected ({x.shape[0]}, {self.marker_inputs}) marker values, "
+                            f"got {tuple(markers.shape)}")
+        out = self.backbone(x)
+        return torch.cat([out[:, :1] + self.markers(markers.to(out.dtype)), out[:, 1:]], dim=1)
+
+
+def marker_inputs(model: nn.Module) -> int:
+    """How many marker values `model` takes besides the ROI (0 for a plain ViT)."""
+    return int(getattr(model, "marker_inputs", 0))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

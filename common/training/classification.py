@@ -103,6 +103,8 @@ class ClassifierSettings:
     n_boot: int = 2000
     hypodense_hu: float = 18.0  # marker feature threshold (see common.metrics.markers)
     aux_weight: float = 0.0  # > 0: auxiliary regression of the case's marker features (see train_classifier)
+    marker_fusion: bool = False  # add a linear path from the case's NCCT markers to the HE logit (MarkerFusion)
+    marker_lr: float = 0.1  # learning rate of that linear path (a logistic fit needs far larger steps than the ViT)
 
     def __post_init__(self):
         def bad(key, why):
@@ -115,7 +117,7 @@ class ClassifierSettings:
             bad("pixels", f"must be a multiple of patch_size {self.patch_size}")
         if self.epochs < 1 and self.steps < 1:
             bad("epochs", "must be >= 1 (or steps >= 1)")
-        for key in ("size_mm", "lr"):
+        for key in ("size_mm", "lr", "marker_lr"):
             if not getattr(self, key) > 0:
                 bad(key, "must be > 0")
         for key in ("weight_decay", "rotate_deg", "shift_px", "hu_jitter", "noise", "max_seconds", "steps", "grad_clip"):
@@ -170,8 +172,11 @@ class ClassifierSettings:
         return 1 + (len(MARKER_NAMES) if self.aux_weight > 0 else 0)
 
     def model_kwargs(self) -> dict:
+        from common.metrics.markers import MARKER_NAMES
+
         return {"img_size": self.pixels, "patch_size": self.patch_size, "in_chans": self.in_chans,
-                "stem": self.stem, "num_classes": self.num_outputs, "drop_rate": self.drop_rate, "drop_path_rate": self.drop_path_rate}
+                "stem": self.stem, "num_classes": self.num_outputs, "drop_rate": self.drop_rate,
+                "drop_path_rate": self.drop_path_rate, "marker_inputs": len(MARKER_NAMES) if self.marker_fusion else 0}
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -232,6 +237,8 @@ def build_roi_dataset(cases: Iterable[Case], settings: ClassifierSettings, *, ma
     mask_provider: ``None`` = the reference masks (``masks/<case_id>``); otherwise a callable
     receiving the loaded ``Sample`` (without reference mask) and returning a (z, y, x) mask
     on its grid, e.g. a segmentation model's prediction.
+    with_markers: also measure the marker features (``.markers``); always done for a
+    marker-fusion classifier, whose ROIs carry them (``CaseROIs.features``).
     """
     cases = list(cases)
     out = ROIDataset()
@@ -255,10 +262,11 @@ def build_roi_dataset(cases: Iterable[Case], settings: ClassifierSettings, *, ma
                     rois = extract_rois(sample, mask, k=settings.k_slices, size_mm=settings.size_mm,
                                         pixels=settings.pixels, windows=windows)
                     rois.he = case.he
-                    if with_markers:
-                        from common.metrics.markers import marker_features
+                    if with_markers or settings.marker_fusion:
+                        from common.metrics.markers import marker_features, marker_vector
 
                         features = marker_features(sample.hu, mask, sample.spacing, settings.hypodense_hu)
+                        rois.features = marker_vector(features)
                         features["onset_to_ct_h"] = case.onset_to_ct_h
                         out.markers[key(case)] = features
                     out.cases.append(rois)
@@ -346,6 +354,28 @@ def seed_everything(seed: int) -> None:
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def case_markers(rois: CaseROIs, n_markers: int) -> np.ndarray:
+    """The case's scaled marker vector, checked (a marker-fusion classifier cannot score without it)."""
+    if rois.features is None:
+        raise DataError(key(rois), "no marker features: this classifier fuses the NCCT markers, "
+                        "build the ROIs with build_roi_dataset (or set CaseROIs.features)")
+    features = np.asarray(rois.features, np.float32).reshape(-1)
+    if len(features) != n_markers or not np.isfinite(features).all():
+        raise DataError(key(rois), f"marker features must be {n_markers} finite values, got {features.tolist()}")
+    return features
+
+
+def slice_markers(rois: Sequence[CaseROIs], n_markers: int, n_extra: int = 0) -> np.ndarray | None:
+    """(n_slices, n_markers) marker rows: each real case's vector repeated for its slices, then
+    `n_extra` rows of zeros (the reference values) for synthetic ROIs, which have no measured
+    markers and so train only the image path. None when the classifier takes no markers."""
+    if n_markers == 0:
+        return None
+    rows = [np.repeat(case_markers(r, n_markers)[None], len(r.images), axis=0) for r in rois]
+    rows.append(np.zeros((n_extra, n_markers), np.float32))
+    return np.concatenate(rows)
 
 
 def slice_arrays(train_rois: Sequence[CaseROIs], settings: ClassifierSettings, extra_he_rois=None,
@@ -445,6 +475,25 @@ def augment_batch(x: torch.Tensor, settings: ClassifierSettings, generator: torc
     return images
 
 
+def make_optimizer(model: nn.Module, settings: ClassifierSettings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases, position embeddings and tokens; the marker path
+    of a MarkerFusion model (parameters named ``markers.*``) at ``marker_lr``. Every group keeps
+    its ``base_lr`` for the schedule."""
+    groups = {"decay": [], "no_decay": [], "markers": []}
+    for name, p in model.named_parameters():
+        if name.startswith("markers."):
+            groups["markers"].append(p)
+        elif p.ndim > 1 and "pos_embed" not in name and "token" not in name:
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    params = [{"params": groups["decay"], "weight_decay": settings.weight_decay, "base_lr": settings.lr},
+              {"params": groups["no_decay"], "weight_decay": 0.0, "base_lr": settings.lr}]
+    if groups["markers"]:
+        params.append({"params": groups["markers"], "weight_decay": settings.weight_decay, "base_lr": settings.marker_lr})
+    return torch.optim.AdamW(params, lr=settings.lr)
+
+
 def lr_at(step: int, total: int, warmup_fraction: float) -> float:
     """Linear warm-up, then cosine decay to 0 over `total` steps."""
     warm = int(warmup_fraction * total)
@@ -492,6 +541,11 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
     if n_pos == 0 or n_neg == 0:
         raise DataError("training set", f"needs both classes, got {int(n_pos)} HE and {int(n_neg)} non-HE slices")
     x_all, y_all = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    from common.networks.vit import marker_inputs
+
+    n_real = sum(len(r.images) for r in train_rois)
+    f_np = slice_markers(train_rois, marker_inputs(model), len(y_np) - n_real)
+    f_all = None if f_np is None else torch.from_numpy(f_np)
     aux = aux_known = None
     if settings.aux_weight > 0 and aux_targets is not None:
         aux, aux_known = aux_arrays(train_rois, aux_targets, len(y_all))
@@ -507,10 +561,7 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
     widths = [float(w) for _, w in windows]
 
     model.to(device)
-    decay = [p for name, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in name and "token" not in name]
-    no_decay = [p for name, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in name and "token" not in name)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+    opt = make_optimizer(model, settings)
     anchor = None
     if proximal_mu > 0:
         source = global_params if global_params is not None else dict(model.named_parameters())
@@ -535,8 +586,8 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
             xb = augment_batch(xb, settings, generator, widths)
         xb, yb = xb.to(device), yb.to(device)
         for group in opt.param_groups:
-            group["lr"] = settings.lr * lr_at(schedule_offset + step, schedule_total, settings.warmup_fraction)
-        out = model(xb)
+            group["lr"] = group["base_lr"] * lr_at(schedule_offset + step, schedule_total, settings.warmup_fraction)
+        out = model(xb) if f_all is None else model(xb, f_all[idx].to(device))
         loss = F.binary_cross_entropy_with_logits(out[:, 0], yb, pos_weight=pos_weight.to(device))
         if aux is not None:
             known = aux_known[idx].to(device)
@@ -592,15 +643,18 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
 
 @torch.no_grad()
 def slice_logits(model: nn.Module, x: np.ndarray | torch.Tensor, tta: bool = True, device="cpu",
-                 batch_size: int = 64) -> np.ndarray:
-    """One logit per ROI slice (N, C, P, P) -> (N,); with `tta`, the mean over the four flips."""
+                 batch_size: int = 64, markers: np.ndarray | None = None) -> np.ndarray:
+    """One logit per ROI slice (N, C, P, P) -> (N,); with `tta`, the mean over the four flips.
+    `markers` (N, M): the slices' marker rows, for a marker-fusion classifier."""
     model.eval()
     x = torch.as_tensor(x, dtype=torch.float32)
+    f = None if markers is None else torch.as_tensor(markers, dtype=torch.float32)
     out = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
+        fb = None if f is None else f[i:i + batch_size].to(device)
         views = [xb, xb.flip(-1), xb.flip(-2), xb.flip(-1).flip(-2)] if tta else [xb]
-        out.append(torch.stack([model(v)[:, 0] for v in views]).mean(0).cpu())
+        out.append(torch.stack([(model(v) if fb is None else model(v, fb))[:, 0] for v in views]).mean(0).cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
@@ -609,8 +663,11 @@ def case_logits(model: nn.Module, rois: Sequence[CaseROIs], settings: Classifier
     logit of its mean slice probability ('mean_prob')."""
     if not rois:
         return np.zeros(0)
+    from common.networks.vit import marker_inputs
+
     arrays = [roi_array(r, settings.mask_channel) for r in rois]
-    z = slice_logits(model, np.concatenate(arrays), tta=settings.tta, device=device)
+    z = slice_logits(model, np.concatenate(arrays), tta=settings.tta, device=device,
+                     markers=slice_markers(rois, marker_inputs(model)))
     bounds = np.cumsum([0] + [len(a) for a in arrays])
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):

@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data.roi import CaseROIs
 from common.errors import DataError
-from common.training.classification import (DEFAULT_WINDOWS, ClassifierSettings, augment_batch, lr_at, roi_array,
-                                            seed_everything)
+from common.networks.vit import marker_inputs
+from common.training.classification import (DEFAULT_WINDOWS, ClassifierSettings, augment_batch, case_markers, lr_at,
+                                            make_optimizer, roi_array, seed_everything)
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,12 @@ class DPSettings:
 
 
 class PatientSlices(Dataset):
-    """One example per patient: a random one of its ROI slices (drawn anew at every access)."""
+    """One example per patient: a random one of its ROI slices (drawn anew at every access), its
+    marker vector (zero-width for a classifier without marker input) and its label."""
 
-    def __init__(self, rois: Sequence[CaseROIs], mask_channel: bool, generator: torch.Generator):
+    def __init__(self, rois: Sequence[CaseROIs], mask_channel: bool, generator: torch.Generator, n_markers: int = 0):
         self.arrays = [torch.from_numpy(roi_array(r, mask_channel)) for r in rois]
+        self.markers = [torch.from_numpy(case_markers(r, n_markers)) if n_markers else torch.zeros(0) for r in rois]
         self.labels = torch.tensor([float(r.he) for r in rois])
         self.generator = generator
 
@@ -56,7 +59,7 @@ class PatientSlices(Dataset):
     def __getitem__(self, index: int):
         slices = self.arrays[index]
         pick = int(torch.randint(len(slices), (1,), generator=self.generator))
-        return slices[pick], self.labels[index]
+        return slices[pick], self.markers[index], self.labels[index]
 
 
 def epsilon(dp: DPSettings, sample_rate: float, steps: int) -> float:
@@ -84,11 +87,12 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
         raise DataError("training set", "DP-SGD needs both HE and non-HE patients")
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
-    dataset = PatientSlices(train_rois, settings.mask_channel, generator)
+    n_markers = marker_inputs(model)
+    dataset = PatientSlices(train_rois, settings.mask_channel, generator, n_markers)
     batch = min(settings.batch_size, len(dataset))
     loader = DataLoader(dataset, batch_size=batch, generator=torch.Generator().manual_seed(seed + 1))
     pos_weight = torch.tensor((len(labels) - sum(labels)) / sum(labels) if settings.balance == "weighted_loss" else 1.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(model, settings)
     model.train()  # Opacus validates the module in training mode
     # Per-sample gradients (functorch vmap, set up now) cannot run random layers: stochastic depth
     # and dropout stay off under DP-SGD, whose noise already regularizes.
@@ -111,7 +115,7 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
             # functorch's fallback for CPU attention is slower but exact
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for _ in range(epochs):
-                for xb, yb in loader:
+                for xb, fb, yb in loader:
                     if len(xb) == 0:  # Poisson sampling drew nobody: the step still releases noise
                         noise_only_step(optimizer, dp, batch)
                         step += 1
@@ -119,8 +123,9 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
                     if settings.augment:
                         xb = augment_batch(xb, settings, generator, widths)
                     for group in optimizer.param_groups:
-                        group["lr"] = settings.lr * lr_at(schedule_offset + step, total, settings.warmup_fraction)
-                    loss = F.binary_cross_entropy_with_logits(private(xb)[:, 0], yb, pos_weight=pos_weight)
+                        group["lr"] = group["base_lr"] * lr_at(schedule_offset + step, total, settings.warmup_fraction)
+                    out = private(xb, fb) if n_markers else private(xb)
+                    loss = F.binary_cross_entropy_with_logits(out[:, 0], yb, pos_weight=pos_weight)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"DP-SGD classifier loss became {loss.item()} at step {step}")
                     optimizer.zero_grad(set_to_none=True)
