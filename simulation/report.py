@@ -162,6 +162,8 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
               + f". Wall time {elapsed_s / 60:.1f} min.", ""]
     lines += ["Every classifier arm is scored on ROIs cut with the **same federated segmentation model** "
               "(the segmentation stage is shared); arms differ only in how the HE classifier was trained. "
+              "Where the profile fuses the NCCT markers into the classifier (`marker_fusion`, on in every "
+              "built-in profile), they are measured on that segmentation too, so its errors reach both inputs. "
               "Held-out centres never trained any model.", ""]
     lines += ["## Arms", "", "| arm | what it is |", "|---|---|"]
     lines += [f"| {arm} | {slot['description']} |" for arm, slot in arms.items()]

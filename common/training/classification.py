@@ -1079,6 +1079,7 @@ def run_train_cls(data_root: Path, train_centers: list[str], test_centers: list[
         "mask_source": "provider" if mask_provider is not None else mask_source,
         "patient_score": f"{settings.aggregation} over {settings.k_slices} slices (flip TTA: {settings.tta}), "
                          f"then {calibration.method} calibration",
+        "classifier": "ViT fused with the NCCT markers (MarkerFusion)" if settings.marker_fusion else "ViT",
         "counts": {c: {"cases": len(cohort[c]), "usable": len(datasets[c].cases), "he": int(datasets[c].labels().sum()),
                        "excluded": len(datasets[c].excluded)} for c in cohort},
         "excluded": excluded,
@@ -1121,7 +1122,8 @@ def print_summary(metrics: dict) -> None:
     """The external results as a plain table (stdout)."""
     ext = metrics["external"]
     groups = list(ext["vit"])
-    print("\nExternal evaluation (AUC, DeLong 95% CI; bootstrap 95% CI)")
+    print("\nExternal evaluation (AUC, DeLong 95% CI; bootstrap 95% CI); vit = "
+          + metrics.get("classifier", "ViT"))
     print(f"{'':10s} " + " ".join(f"{g:>44s}" for g in groups))
     for name in ("vit", "markers", "volume"):
         print(f"{name:10s} " + " ".join(f"{_fmt_auc(ext[name][g]):>44s}" for g in groups))
