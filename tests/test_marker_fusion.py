@@ -90,12 +90,10 @@ def test_fusion_learns_a_signal_only_the_markers_carry():
     assert auc(labels, case_logits(plain, test, plain_settings)) <= 0.70
 
 
-def test_fusion_needs_each_case_markers_and_pairs_synthetic_rois_with_real_he_markers():
+def test_fusion_needs_each_case_markers_and_synthetic_rois_train_the_image_path_only():
     train = with_marker_signal(planted_cohort(20, 0.5, seed=2), seed=2)
-    rows = slice_markers(train, M, n_extra=6, seed=0)
-    assert rows.shape == (2 * 20 + 6, M)
-    he_vectors = {tuple(r.features) for r in train if r.he == 1}
-    assert all(tuple(row) in he_vectors for row in rows[-6:])  # each synthetic ROI: a real HE case's markers
+    rows = slice_markers(train, M, n_extra=6)
+    assert rows.shape == (2 * 20 + 6, M) and not rows[-6:].any()  # synthetic ROIs: reference values
     assert np.array_equal(rows[:2], np.repeat(train[0].features[None], 2, axis=0))
     model = create_model(FUSED)
     extra = np.random.default_rng(0).uniform(0, 1, (6, 4, 32, 32)).astype(np.float32)
