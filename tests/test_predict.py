@@ -62,6 +62,8 @@ def check_outputs(out: Path, source: sitk.Image, bundle):
         assert "no hematoma found" in result["warnings"] and result["band"] is None
     else:
         assert 0 <= result["probability"] <= 1 and result["band"] in ("low", "intermediate", "high")
+        # The markers the classifier used, measured on the same predicted hematoma.
+        assert result["markers"]["volume_ml"] == pytest.approx(result["volume_ml"], rel=0.02, abs=1e-3)
     assert (out / "report.png").stat().st_size > 1000
     assert set(result["timing"]) >= {"load_s", "segment_s", "classify_s", "write_s"}
     return result
