@@ -169,6 +169,9 @@ def study_metrics(folds: list[dict], data_root: Path, seed: int, cohort: str | N
                                                         for k in ("threshold", "calib-a", "calib-b", "n")}
     for slot in arms.values():
         slot["pooled"] = pooled_entry(slot["centers"], oracle)
+    # Arms in reading order whatever fold introduced them: federated, ablation, local-only, centralized.
+    rank = {"federated": 0, "no-synthesis": 1, "centralized": 3}
+    arms = dict(sorted(arms.items(), key=lambda item: (rank.get(item[0], 2), item[0])))
     metrics = {"format": FORMAT, "seed": seed, "cohort": cohort, "data_root": str(data_root),
                "folds": train_by_fold, "test_centers": test_centers, "arms": arms,
                "traffic": [traffic(report) for report in folds]}

@@ -41,8 +41,10 @@ def _p(comparison: dict | None) -> str:
 
 
 def histograms(report: dict, arm: str, center: str) -> tuple[np.ndarray, np.ndarray]:
-    metrics = report["stages"]["cls"]["arms"][arm]["external"].get(center, {})
-    return binned.from_metrics([metrics])
+    """The arm's per-class logit histograms at a centre; empty where the fold has no such arm
+    (leave-one-out: local-<c> does not exist in the fold that holds c out)."""
+    record = report["stages"]["cls"]["arms"].get(arm, {})
+    return binned.from_metrics([record.get("external", {}).get(center, {})])
 
 
 def fold_of(folds: list[dict], center: str) -> dict:
@@ -69,11 +71,12 @@ def plot_roc(metrics: dict, folds: list[dict], out: Path) -> str:
             # Positive call: logit in this bin or above; sweep from the top bin down.
             tpr = np.concatenate([[0], np.cumsum(he[::-1]) / he.sum()])
             fpr = np.concatenate([[0], np.cumsum(nhe[::-1]) / nhe.sum()])
-            auc = metrics["arms"][arm]["centers"][center]["auc"]
+            auc = metrics["arms"][arm]["centers"].get(center, {}).get("auc")
             ax.plot(fpr, tpr, marker=".", label=f"{arm} ({_f(auc)})", lw=2 if arm == "federated" else 1)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
         ax.set(title=f"{center} (external)", xlabel="1 - specificity", ylabel="sensitivity", aspect="equal")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # a centre without both classes has no curve
+            ax.legend(fontsize=7, loc="lower right")
     return _save(fig, out / "roc_external.png")
 
 
@@ -84,6 +87,8 @@ def plot_calibration(metrics: dict, folds: list[dict], out: Path) -> str:
         predicted = np.zeros(binned.N_BINS)
         for center in metrics["test_centers"]:
             report = fold_of(folds, center)
+            if arm not in report["stages"]["cls"]["arms"]:
+                continue
             point = report["stages"]["cls"]["arms"][arm]["operating_point"]
             h, n = histograms(report, arm, center)
             prob = 1 / (1 + np.exp(-(point["calib-a"] * CENTRES + point["calib-b"])))
@@ -187,6 +192,8 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
               "Dice | volume MAE mL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for center in metrics["test_centers"]:
         for arm, slot in arms.items():
+            if center not in slot["centers"]:  # leave-one-out: local-<c> is never scored at c
+                continue
             e = slot["centers"][center]
             lines.append(f"| {center} | {arm} | {e['n']} ({e['n_he']}) | {_ci(e)} | {_f(e.get('oracle_auc'))} | "
                          f"{_p(e.get('vs_federated'))} | {_f(e['sensitivity'], 2)} | {_f(e['specificity'], 2)} | "

@@ -92,7 +92,7 @@ def print_study_summary(metrics: dict, console: Console) -> None:
     for arm, slot in metrics["arms"].items():
         pooled = slot["pooled"]
         ci = pooled.get("auc_ci")
-        cells = [_fmt(slot["centers"][c].get("auc")) for c in centers]
+        cells = [_fmt(slot["centers"].get(c, {}).get("auc")) for c in centers]  # local-<c> is never scored at c
         pooled_text = f"{_fmt(pooled['auc'])} [{_fmt(ci[0])}-{_fmt(ci[1])}]" if ci else _fmt(pooled["auc"])
         comparison = pooled.get("vs_federated")
         versus = f"{comparison['diff']:+.3f} p={comparison['p']:.2f}" if comparison else "-"

@@ -416,6 +416,36 @@ def test_traffic_separates_flower_overhead_from_site_work():
                                        "round_wall_s": 20.0, "overhead_share": pytest.approx(0.2)}}
 
 
+@pytest.mark.slow
+def test_leave_one_out_metrics_and_report_handle_arms_missing_in_a_fold(study, tiny, tmp_path):
+    """Leave-one-out folds have different local-<c> arms (none for the held-out c): the study's
+    metrics, report and summary must list each arm only where it was scored."""
+    import copy
+
+    from rich.console import Console
+
+    from simulation.metrics import study_metrics, validate
+    from simulation.report import write_report
+    from simulation.study import print_study_summary
+
+    _, report, _ = study
+    first, second = copy.deepcopy(report), copy.deepcopy(report)
+    first["settings"]["test-centers"], second["settings"]["test-centers"] = "center4", "center5"
+    del second["stages"]["cls"]["arms"]["local-center1"]
+    metrics = study_metrics([first, second], tiny, 0, "tiny")
+    validate(metrics)
+    assert list(metrics["arms"])[:2] == ["federated", "no-synthesis"] and list(metrics["arms"])[-1] == "centralized"
+    assert set(metrics["arms"]["local-center1"]["centers"]) == {"center4"}
+    assert set(metrics["arms"]["federated"]["centers"]) == {"center4", "center5"}
+    markdown, _ = write_report(metrics, [first, second], tmp_path, 1.0)
+    rows = [line for line in markdown.read_text(encoding="utf-8").splitlines() if "| local-center1 |" in line]
+    assert any(line.startswith("| center4 |") for line in rows)
+    assert not any(line.startswith("| center5 |") for line in rows)
+    console = Console(record=True, width=160)
+    print_study_summary(metrics, console)
+    assert "local-center1" in console.export_text()
+
+
 def test_leave_one_out_holds_out_each_centre_once(tmp_path):
     from simulation.study import folds_of
 
