@@ -53,6 +53,7 @@ from common.data.contract import Case
 from common.data.preprocess import DEFAULT_WINDOWS, Sample, load_case
 from common.data.roi import CaseROIs, extract_rois
 from common.errors import ConfigError, DataError, HemexError
+from common.networks.vit import marker_inputs  # cheap: timm is imported only when a model is built
 
 AGGREGATIONS = ("mean_logit", "mean_prob")
 CALIBRATIONS = ("platt", "temperature", "none")
@@ -543,8 +544,6 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
     if n_pos == 0 or n_neg == 0:
         raise DataError("training set", f"needs both classes, got {int(n_pos)} HE and {int(n_neg)} non-HE slices")
     x_all, y_all = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    from common.networks.vit import marker_inputs
-
     n_real = sum(len(r.images) for r in train_rois)
     f_np = slice_markers(train_rois, marker_inputs(model), len(y_np) - n_real)
     f_all = None if f_np is None else torch.from_numpy(f_np)
@@ -665,8 +664,6 @@ def case_logits(model: nn.Module, rois: Sequence[CaseROIs], settings: Classifier
     logit of its mean slice probability ('mean_prob')."""
     if not rois:
         return np.zeros(0)
-    from common.networks.vit import marker_inputs
-
     arrays = [roi_array(r, settings.mask_channel) for r in rois]
     z = slice_logits(model, np.concatenate(arrays), tta=settings.tta, device=device,
                      markers=slice_markers(rois, marker_inputs(model)))
