@@ -150,13 +150,17 @@ def synthetic_rois(site: Site):
 @app.query("synth")
 def synthesize(message: Message, context: Context) -> Message:
     """Train the site's generator on its HE ROIs, generate toward the HE:NHE ratio, audit for
-    memorization; keep the accepted samples on site, report only counts and audit numbers."""
+    memorization and realism; keep the accepted samples on site, report only counts and audit numbers."""
     site = site_from_context(context.node_config, context.run_config)
     audit = run_synth(site.data_path.parent, site.data_path.name, site.work_dir, profile=site.settings.profile,
                       seed=site.round_seed("synth", 0), ratio=site.settings.synthesis, log=lambda _text: None)
     memo = audit["memorization"]
     metrics = {"num-kept": int(memo["kept"]), "num-needed": int(memo["needed"]), "num-candidates": int(memo["synthetic"]),
                "num-accepted": int(memo["accepted"]), "audit-threshold": float(memo["threshold"])}
+    realism = audit.get("realism")
+    if realism is not None:  # set-level distances only (two numbers), never an image
+        metrics.update({"realism-mmd2": realism["mmd2_synthetic"], "realism-threshold": realism["mmd2_threshold"],
+                        "realism-passed": -1 if realism["passed"] is None else int(realism["passed"])})
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 
 

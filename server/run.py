@@ -183,6 +183,7 @@ class FederatedRun:
             self.report["stages"]["synth"] = results
             self.report["timing"]["synth_seconds"] = time.time() - synth_started
             self.progress("synth: " + "; ".join(f"{c}: kept {m.get('num-kept', 0)} of {m.get('num-needed', 0)} needed"
+                                           + (" (realism gate failed)" if m.get("realism-passed") == 0 else "")
                                            if "error" not in m else f"{c}: failed ({m['error'][:80]})"
                                            for c, m in results.items()))
         if self.settings.cls_rounds > 0:

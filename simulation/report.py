@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
 from common.federation import binned  # noqa: E402
+from common.synthesis.audit import REALISM_RULE  # noqa: E402
 
 CENTRES = (binned.EDGES[:-1] + binned.EDGES[1:]) / 2
 
@@ -204,6 +205,21 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
               "ROC curves from the sites' 16-bin logit histograms (the legend gives the exact site-computed AUC).", "",
               f"![Calibration]({figures['calibration']})", "", f"![Dice]({figures['dice']})", "",
               f"![Learning curves]({figures['learning']})", ""]
+    synth = [(center, m) for report in folds for center, m in report.get("stages", {}).get("synth", {}).items()]
+    if synth:
+        lines += ["## On-site synthesis", "",
+                  "Realism gate: " + REALISM_RULE + " (random-conv-net features; a failing site trains on its real "
+                  "ROIs only, so the federated arm then matches the no-synthesis ablation there).", "",
+                  "| site | synthetic ROIs kept / needed | MMD^2 synthetic vs real HE | gate threshold | realism |",
+                  "|---|---|---|---|---|"]
+        verdict = {1: "passed", 0: "**failed: none used**", -1: "not measurable"}
+        for center, m in synth:
+            if "error" in m:
+                lines.append(f"| {center} | failed: {m['error'][:80]} | | | |")
+                continue
+            lines.append(f"| {center} | {m.get('num-kept', 0)} / {m.get('num-needed', 0)} | {_f(m.get('realism-mmd2'))} | "
+                         f"{_f(m.get('realism-threshold'))} | {verdict.get(m.get('realism-passed'), '–')} |")
+        lines.append("")
     if figures["synthetic"]:
         lines += ["### Synthetic HE ROIs (per site; they never left the site)", ""]
         lines += [f"{center}: ![synthetic ROIs at {center}]({path})" for center, path in figures["synthetic"]]

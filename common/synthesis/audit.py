@@ -217,10 +217,36 @@ def feature_distance(real: np.ndarray, synthetic: np.ndarray, seed: int = 0, hol
     record = {"metric": "MMD^2 (Gaussian kernel, median-heuristic bandwidth, unbiased)",
               "features": "fixed random conv net (seed %d), per-stage channel mean/std; no pretrained weights" % seed,
               "real_vs_synthetic": mmd2(fr, fs, bandwidth), "real_vs_real_halves": float(np.nanmean(halves)),
+              "real_vs_real_halves_q95": float(np.nanpercentile(halves, 95)),
               "n_real": int(len(fr)), "n_synthetic": int(len(fs))}
     if holdout is not None and len(holdout) >= 2:
         record["real_vs_holdout"] = mmd2(fr, (random_features(holdout, seed) - mu) / sd, bandwidth)
     return record
+
+
+REALISM_RULE = ("synthetic HE ROIs are used only if their MMD^2 to the site's real HE ROIs is at most the larger of "
+                 "(a) the MMD^2 between the site's real NHE and real HE ROIs and (b) the 95th percentile of the MMD^2 "
+                 "between random halves of the real HE ROIs")
+
+
+def realism_verdict(distance: dict) -> dict:
+    """Whether synthetic ROIs are realistic enough to train on, from a `feature_distance` record
+    with `real_nhe_vs_real_he` added.
+
+    Why this rule: a synthetic HE ROI that sits farther from real HE ROIs than the site's own real
+    NHE ROIs do differs from real data more than the two classes differ from each other, so a
+    classifier trained on it learns "synthetic vs real" rather than "HE vs NHE". The sampling noise
+    of MMD^2 at this size (random halves of the real set) is the floor, so a generator is not
+    rejected for noise when the classes are close. `passed` is None when the distances could not
+    be measured (fewer than two ROIs in a group): nothing to judge, the samples are kept.
+    """
+    synthetic = distance.get("real_vs_synthetic", float("nan"))
+    scales = [v for v in (distance.get("real_nhe_vs_real_he"), distance.get("real_vs_real_halves_q95"))
+              if v is not None and np.isfinite(v)]
+    threshold = max(scales) if scales else float("nan")
+    passed = None if not (np.isfinite(synthetic) and np.isfinite(threshold)) else bool(synthetic <= threshold)
+    return {"passed": passed, "mmd2_synthetic": float(synthetic), "mmd2_threshold": float(threshold),
+            "rule": REALISM_RULE}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
     Returns the result and the intermediate arrays (for the quality figure): candidates,
     accepted mask, nearest indices.
     """
-    from common.synthesis.audit import feature_distance, intensity_stats, memorization_audit
+    from common.synthesis.audit import feature_distance, intensity_stats, memorization_audit, realism_verdict
     from common.synthesis.diffusion import count_parameters, sample, train_generator
     from common.synthesis.ratio import synthetic_needed
 
@@ -243,9 +243,6 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
     images = cand_images[accepted_index]
     masks = cand_masks[accepted_index] if cand_masks is not None else None
     summary = dict(audit["summary"])
-    summary["kept"] = int(len(images))
-    summary["needed"] = int(n_needed)
-    summary["shortfall"] = int(max(0, n_needed - len(images)))
     report = {
         "center_counts": {"he_cases": rois.n_he_cases, "nhe_cases": rois.n_nhe_cases, "slices_per_case": k,
                           "he_rois_used": int(he.sum()), "skipped": rois.skipped},
@@ -254,22 +251,33 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
         "training": trained.summary() if trained is not None else None,
         "timing": timings,
     }
+    generated, generated_masks = images, masks  # what the generator made and the memorization audit let through
     if len(images) >= 2:
         report["feature_distance"] = fd = feature_distance(real_he, images, seed=0, holdout=holdout)
         if (rois.labels == 0).sum() >= 2:
             # A scale for the number: the site's own real NHE ROIs against its real HE ROIs (same
             # scanner, different class). A realistic generator should come no farther than this.
             fd["real_nhe_vs_real_he"] = feature_distance(real_he, rois.images[rois.labels == 0], seed=0)["real_vs_synthetic"]
-    groups = {"real_he": real_he, "synthetic_he": images}
+        report["realism"] = realism = realism_verdict(fd)
+        realism["gate"] = settings.realism_gate
+        if settings.realism_gate and realism["passed"] is False:
+            log(f"realism gate: synthetic MMD^2 {realism['mmd2_synthetic']:.3f} > {realism['mmd2_threshold']:.3f}; "
+                "no synthetic ROI is kept")
+            images = images[:0]
+            masks = masks[:0] if masks is not None else None
+    summary["kept"] = int(len(images))
+    summary["needed"] = int(n_needed)
+    summary["shortfall"] = int(max(0, n_needed - len(images)))
+    groups = {"real_he": real_he, "synthetic_he": generated}
     if (rois.labels == 0).any():
         groups["real_nhe"] = rois.images[rois.labels == 0]
     report["intensity"] = {name: intensity_stats(arr, CHANNEL_NAMES) for name, arr in groups.items()}
-    if masks is not None and len(masks):
-        report["mask_fraction"] = {"real_he": float(rois.masks[he].mean()), "synthetic_he": float(masks.mean())}
+    if generated_masks is not None and len(generated_masks):
+        report["mask_fraction"] = {"real_he": float(rois.masks[he].mean()), "synthetic_he": float(generated_masks.mean())}
     report["parameters"] = count_parameters(trained.model) if trained is not None else None
     config = {"settings": settings.as_dict(), "seed": seed}
     intermediates = {"candidates": cand_images, "accepted": audit["accepted"], "nearest": audit["nearest"],
-                     "real_he": real_he, "trained": trained}
+                     "real_he": real_he, "trained": trained, "generated": generated}
     return SynthesisResult(images, masks, report, config), intermediates
 
 
@@ -313,10 +321,12 @@ def run_synth(data_root: Path, center: str, out: Path, profile: str = "cpu", see
     rejected = ~extra["accepted"]
     candidates = extra["candidates"]
     memo = audit["memorization"]
-    save_sample_grid(out / "quality.png", extra["real_he"], result.images, candidates[rejected],
+    gated = audit.get("realism", {}).get("passed") is False and settings.realism_gate
+    save_sample_grid(out / "quality.png", extra["real_he"], extra["generated"], candidates[rejected],
                      extra["real_he"][extra["nearest"][rejected]] if rejected.any() else None,
                      title=f"{center}: {settings.generator} generator, {memo['accepted']}/{memo['synthetic']} accepted "
-                           f"(threshold {memo['threshold']:.3f}); brain window")
+                           f"(threshold {memo['threshold']:.3f})" + ("; ALL DROPPED by the realism gate" if gated else "")
+                           + "; brain window")
     write_json(out / "audit.json", audit)
     config = dict(result.config)
     config.update({"command": "synth", "data_root": str(Path(data_root).resolve()), "center": center,

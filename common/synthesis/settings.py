@@ -52,6 +52,7 @@ class SynthesisSettings:
     audit_percentile: float = 5.0
     audit_max_shift: int = 2
     oversample: float = 1.25  # generate this many times the needed count, so rejections can be replaced
+    realism_gate: bool = True  # drop every synthetic ROI when the set fails audit.realism_verdict
 
     def as_dict(self) -> dict:
         record = asdict(self)
