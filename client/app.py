@@ -178,7 +178,7 @@ def train_cls(message: Message, context: Context) -> Message:
     # FedBN keeps norm layers per arm; a whole local run has no global model to mix with.
     fedbn = site.settings.fedbn and "epochs" not in config
     local_keys = receive_global(model, message.content["arrays"], context, state_stage(arm), fedbn)
-    dataset, fit, _ = site.roi_dataset()
+    dataset, fit, _ = site.roi_dataset(training_mask_provider(site, message))
     use_synthetic = (bool(config.get("use-synthetic", site.settings.synthesis != "none"))
                      and site.settings.dp_sgd_noise_multiplier == 0)
     extra, extra_masks = synthetic_rois(site) if use_synthetic else (None, None)
@@ -207,7 +207,7 @@ def train_cls(message: Message, context: Context) -> Message:
     else:
         result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
                                   extra_he_masks=extra_masks, proximal_mu=settings.proximal_mu, settings=site.cls,
-                                  windows=site.profile["preprocess"]["windows"], aux_targets=dataset.markers or None,
+                                  windows=site.profile["preprocess"]["windows"], aux_targets=site.aux_targets(dataset),
                                   schedule_offset=offset, schedule_total=total)
         metrics = {"train-loss": result.metrics["train_loss"], "num-synthetic": int(result.metrics.get("num_extra", 0)),
                    "seconds": float(result.metrics.get("seconds", 0.0))}
@@ -241,6 +241,13 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
     return provide
 
 
+def training_mask_provider(site: Site, message: Message):
+    """The federated segmentation model's masks when the message carries its weights (the server
+    sends them with cls-masks = segmentation), else None (reference masks)."""
+    records = message.content.array_records
+    return segmentation_mask_provider(site, records["seg-arrays"]) if "seg-arrays" in records else None
+
+
 @app.evaluate("cls")
 def evaluate_cls(message: Message, context: Context) -> Message:
     """Score given classifier weights on local cases. One model ("arrays", a strategy's round)
@@ -250,13 +257,15 @@ def evaluate_cls(message: Message, context: Context) -> Message:
     given operating point, 16-bin logit histograms per class."""
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
-    if str(config.get("mask-source", "reference")) == "segmentation":
+    split = str(config.get("split", "validation"))
+    if str(config.get("mask-source", "reference")) == "segmentation" and split == "all":
+        # A held-out centre: every case, on the federated segmentation's masks.
         provider = segmentation_mask_provider(site, message.content["seg-arrays"])
         dataset = build_roi_dataset(site.cases, site.cls, mask_provider=provider, with_markers=False)
         rois = dataset.cases
     else:
-        dataset, _, val = site.roi_dataset()
-        rois = val if str(config.get("split", "validation")) == "validation" else dataset.cases
+        dataset, _, val = site.roi_dataset(training_mask_provider(site, message))
+        rois = val if split == "validation" else dataset.cases
     labels = np.array([r.he for r in rois], dtype=int)
     counts = {"num-examples": len(rois), "num-he": int(labels.sum()), "num-excluded": len(dataset.excluded)}
     arms = {k[len("arm."):]: r for k, r in message.content.array_records.items() if k.startswith("arm.")}

@@ -12,6 +12,8 @@ import zlib
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from common.config import load_profile
 from common.data.contract import Case, read_center
 from common.data.dataset import SampleCache, split_by_center, with_masks
@@ -30,7 +32,7 @@ class Site:
         # Site-private outputs (synthetic ROIs): never sent anywhere.
         self.work_dir = Path(work_dir) if work_dir else Path(settings.out_dir) / "sites" / center
         self.cls = ClassifierSettings.from_profile(load_profile(settings.profile))
-        self._rois = None
+        self._rois = {}  # mask source -> (dataset, fit, val)
         self.profile = load_profile(settings.profile)
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
@@ -50,13 +52,24 @@ class Site:
         exactly the rounds an uninterrupted one would have run."""
         return (self.settings.seed * 1_000_003 + zlib.crc32(f"{stage}/{server_round}/{self.center}".encode())) % 2**31
 
-    def roi_dataset(self):
-        """ROIs of the labelled cases with reference masks (built once per process), split into
-        a fit part and a validation part for the federated operating point."""
-        if self._rois is None:
+    def roi_dataset(self, mask_provider=None):
+        """ROIs of the labelled cases, split into a fit part and a validation part for the
+        federated operating point; built once per process and mask source.
+
+        Without `mask_provider` the ROIs are cut on the reference masks. With one (the federated
+        segmentation model), they are cut on its masks, as they will be at inference, and the
+        reference masks' markers become `aux_targets` (what the auxiliary regression should
+        recover from the ROIs). A training case the model misses entirely is cut on its reference
+        mask (at inference such a case gets no HE prediction at all, so nothing is learned that
+        inference would contradict; without the fallback an untrained model would leave nothing
+        to train on)."""
+        source = "reference" if mask_provider is None else "segmentation"
+        if source not in self._rois:
             # Marker features (volume, density, shape) are the auxiliary regression targets of
             # the classifier; they are computed and used here, on site.
-            dataset = build_roi_dataset(self.cases, self.cls, with_markers=self.cls.aux_weight > 0)
+            dataset = build_roi_dataset(self.cases, self.cls, mask_provider=_or_reference(mask_provider),
+                                        with_markers=self.cls.aux_weight > 0,
+                                        reference_markers=mask_provider is not None)
             # Split each source centre on its own, so that the pooled node holds out exactly the
             # cases the training centres hold out.
             fit, val = [], []
@@ -66,13 +79,31 @@ class Site:
                                         self.cls.val_fraction, self.settings.seed)
                 fit += [dataset.cases[index[i]] for i in f]
                 val += [dataset.cases[index[i]] for i in v]
-            self._rois = (dataset, fit, val)
-        return self._rois
+            self._rois[source] = (dataset, fit, val)
+        return self._rois[source]
+
+    def aux_targets(self, dataset) -> dict | None:
+        """Auxiliary marker targets: the reference masks' markers where ROIs come from a model."""
+        return (dataset.reference_markers or dataset.markers) or None
 
     def info(self) -> dict:
         he = [c.he for c in self.cases]
         return {"num-cases": len(self.cases), "num-he": sum(1 for h in he if h == 1),
                 "num-nhe": sum(1 for h in he if h == 0), "num-masks": sum(1 for c in self.cases if c.mask_path)}
+
+
+def _or_reference(mask_provider):
+    """The provider's mask, or the sample's reference mask where the provider finds nothing."""
+    if mask_provider is None:
+        return None
+
+    def provide(sample):
+        mask = mask_provider(sample)
+        if (mask is None or not np.asarray(mask).any()) and sample.mask is not None:
+            return sample.mask
+        return mask
+
+    return provide
 
 
 def site_from_context(node_config: dict, run_config: dict) -> Site:

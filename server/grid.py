@@ -2,8 +2,9 @@
 
 Strategies sample from `get_node_ids()`; showing them only the training centres' nodes is what
 makes leave-center-out hold: a held-out centre can never be sent a train message. The view also
-routes the strategy's plain "train"/"evaluate" messages to the stage's handler ("train.seg") and
-records per-centre metrics and bytes of every round.
+routes the strategy's plain "train"/"evaluate" messages to the stage's handler ("train.seg"), adds
+the stage's fixed records to them (the classifier stage's segmentation weights) and records
+per-centre metrics and bytes of every round.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from flwr.serverapp import Grid
 
 
 class StageGrid(Grid):
-    def __init__(self, grid: Grid, node_centers: dict[int, str], action: str):
+    def __init__(self, grid: Grid, node_centers: dict[int, str], action: str, attach: dict | None = None):
         self.grid = grid
         self.node_centers = dict(node_centers)
         self.action = action
+        self.attach = dict(attach or {})  # records added to every message (e.g. "seg-arrays")
         self.rounds: dict[str, list[dict]] = defaultdict(list)  # message type -> one entry per call
 
     # Delegated plumbing.
@@ -51,7 +53,10 @@ class StageGrid(Grid):
                 raise RuntimeError(f"refusing to send {message.metadata.message_type} to node {node}: not a "
                                    f"{self.action} node of this stage (held-out centres never train)")
             kind = message.metadata.message_type.split(".")[0]
-            routed.append(Message(message.content, dst_node_id=node, message_type=f"{kind}.{self.action}",
+            content = message.content
+            for name, record in self.attach.items():
+                content[name] = record
+            routed.append(Message(content, dst_node_id=node, message_type=f"{kind}.{self.action}",
                                   group_id=message.metadata.group_id))
         if not routed:
             return []

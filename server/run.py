@@ -101,10 +101,11 @@ class FederatedRun:
                             self.seg.model_overrides)
 
     def train_stage(self, stage: str, initial: ArrayRecord, num_rounds: int, action: str | None = None,
-                    config: dict | None = None) -> ArrayRecord:
+                    config: dict | None = None, attach: dict | None = None) -> ArrayRecord:
         """Run `num_rounds` rounds of `stage` on the training centres, checkpointing each round;
         resume from the last checkpoint when one exists. `action` names the client handler
-        (default: the stage), `config` goes to every train and evaluate message."""
+        (default: the stage), `config` goes to every train and evaluate message, and so do the
+        `attach` records."""
         start_round, history = 0, []
         latest = self.checkpoints.latest(stage) if self.settings.resume else None
         if latest is not None:
@@ -118,7 +119,7 @@ class FederatedRun:
         self.steps_done += start_round
         train_nodes = {self.centers[c]: c for c in self.settings.train_centers}
         action = action or stage
-        stage_grid = StageGrid(self.grid, train_nodes, action)
+        stage_grid = StageGrid(self.grid, train_nodes, action, attach)
         strategy = build_strategy(self.settings, len(train_nodes))
 
         def after_round(server_round: int, arrays: ArrayRecord):
@@ -217,11 +218,14 @@ class FederatedRun:
         """Train every classifier arm, fix each arm's operating point on the training centres'
         validation histograms, then score all arms together at the held-out centres on ROIs
         from the federated segmentation. Returns the federated arm's weights and operating point."""
-        arms = self.train_arms()
+        # Classifier ROIs cut on the federated segmentation's masks (cls-masks = segmentation):
+        # its weights travel with every classifier message to the training sites.
+        attach = {"seg-arrays": seg_arrays} if self.settings.cls_masks == "segmentation" else {}
+        arms = self.train_arms(attach)
         train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
         validation = self.send("evaluate.cls", train_nodes, RecordDict(
-            {**{f"arm.{a}": w for a, w in arms.items()},
-             "config": ConfigRecord({"split": "validation", "mask-source": "reference"})}), per_arm=True)
+            {**{f"arm.{a}": w for a, w in arms.items()}, **attach,
+             "config": ConfigRecord({"split": "validation", "mask-source": self.settings.cls_masks})}), per_arm=True)
         points = {}
         for arm in arms:
             # A local-only model is calibrated where it was trained, as a site alone would do.
@@ -248,17 +252,19 @@ class FederatedRun:
                          for arm in arms}
         return arms["federated"], point
 
-    def train_arms(self) -> dict[str, ArrayRecord]:
-        """Weights of every classifier arm, from the same initial weights and epoch budget."""
+    def train_arms(self, attach: dict) -> dict[str, ArrayRecord]:
+        """Weights of every classifier arm, from the same initial weights, epoch budget and ROI
+        source (`attach`: the segmentation weights, or nothing for reference masks)."""
         windows = self.profile["preprocess"]["windows"]
         initial = to_record(create_classifier_model(self.cls, windows).state_dict())
         s = self.settings
         with_synthesis = s.synthesis != "none"
-        arms = {"federated": self.train_stage("cls", initial, s.cls_rounds,
+        arms = {"federated": self.train_stage("cls", initial, s.cls_rounds, attach=attach,
                                               config={"arm": "federated", "use-synthetic": with_synthesis})}
         if "no-synthesis" in s.arms and with_synthesis:
             # Same rounds and seeds: only the synthetic ROIs differ.
             arms["no-synthesis"] = self.train_stage("cls-no-synthesis", initial, s.cls_rounds, action="cls",
+                                                    attach=attach,
                                                     config={"arm": "no-synthesis", "use-synthetic": False})
         alone = {}
         if "local" in s.arms:
@@ -266,10 +272,10 @@ class FederatedRun:
         if "centralized" in s.arms:
             alone["centralized"] = (POOLED, False)  # synthetic ROIs stay at their sites
         if alone:
-            arms.update(self.train_alone(initial, alone))
+            arms.update(self.train_alone(initial, alone, attach))
         return arms
 
-    def train_alone(self, initial: ArrayRecord, arms: dict[str, tuple[str, bool]]) -> dict[str, ArrayRecord]:
+    def train_alone(self, initial: ArrayRecord, arms: dict[str, tuple[str, bool]], attach: dict) -> dict[str, ArrayRecord]:
         """Local-only and centralized arms: one message per arm asking its node to train alone
         for the federated arm's total epochs (rounds x epochs). All arms run at once."""
         epochs = self.settings.cls_rounds * self.settings.cls_epochs
@@ -281,7 +287,7 @@ class FederatedRun:
             else:
                 todo[arm] = (center, synthetic)
         if todo:
-            messages = {arm: Message(RecordDict({"arrays": initial, "config": ConfigRecord(
+            messages = {arm: Message(RecordDict({"arrays": initial, **attach, "config": ConfigRecord(
                 {"server-round": 1, "epochs": epochs, "arm": arm, "use-synthetic": synthetic})}),
                 dst_node_id=self.centers[center], message_type="train.cls") for arm, (center, synthetic) in todo.items()}
             replies = self.exchange(messages)

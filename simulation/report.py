@@ -166,9 +166,14 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
               + "; ".join(f"fold {i + 1}: trained on {', '.join(f['train'])}, tested on {', '.join(f['test'])}"
                           for i, f in enumerate(metrics["folds"]))
               + f". Wall time {elapsed_s / 60:.1f} min.", ""]
+    cut_by_model = folds[0].get("settings", {}).get("cls-masks") == "segmentation"
     lines += ["Every classifier arm is scored on ROIs cut with the **same federated segmentation model** "
               "(the segmentation stage is shared); arms differ only in how the HE classifier was trained. "
-              "Where the profile fuses the NCCT markers into the classifier (`marker_fusion`, on in every "
+              + ("Every arm is also trained and calibrated on ROIs cut by that model at the training sites, as "
+                 "at inference (`cls-masks = segmentation`; the auxiliary marker targets come from the reference "
+                 "masks). " if cut_by_model else "Arms are trained on ROIs cut on the reference masks "
+                                                 "(`cls-masks = reference`). ")
+              + "Where the profile fuses the NCCT markers into the classifier (`marker_fusion`, on in every "
               "built-in profile), they are measured on that segmentation too, so its errors reach both inputs. "
               "Held-out centres never trained any model.", ""]
     lines += ["## Arms", "", "| arm | what it is |", "|---|---|"]
@@ -225,7 +230,8 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
         lines += [f"{center}: ![synthetic ROIs at {center}]({path})" for center, path in figures["synthetic"]]
         lines.append("")
     lines += ["## Traffic and time", "",
-              "Per trained stage: bytes sent to each site per round (the model, fp32), mean round wall time, "
+              "Per trained stage: bytes sent to each site per round (the model, fp32, plus the segmentation "
+              "model with classifier messages when ROIs are cut by it), mean round wall time, "
               "and the share of it not explained by the sites' own handler time on the available cores "
               "(Flower messaging, scheduling and Ray).", "",
               "| fold | stage | rounds | model MiB | MiB sent per site per round | round s | overhead share |",

@@ -171,6 +171,17 @@ def test_auxiliary_marker_regression_adds_outputs_and_needs_targets():
     assert train_classifier(model, train, Budget(steps=1), seed=0, settings=settings).metrics["aux"] == 0.0
     with pytest.raises(DataError, match="no marker features"):
         train_classifier(model, train, Budget(steps=1), seed=0, settings=settings, aux_targets={"P/case0": {}})
+    # Targets for some cases only (ROIs cut by a model, reference markers where a mask exists):
+    # the others' rows are unknown, so only known rows enter the regression.
+    from common.training.classification import aux_arrays
+
+    partial = {k: v for k, v in targets.items() if k in ("P/case0", "P/case1", "P/case2")}
+    rows, known = aux_arrays(train, partial, sum(len(r.images) for r in train) + 2)
+    assert known.tolist() == [1.0 if r.case_id in ("case0", "case1", "case2") else 0.0
+                              for r in train for _ in r.images] + [0.0, 0.0]
+    assert torch.allclose(rows[known == 1].mean(0), torch.zeros(len(MARKER_NAMES)), atol=1e-5)  # standardised on known
+    assert train_classifier(model, train, Budget(steps=1), seed=0, settings=settings,
+                            aux_targets=partial).metrics["aux"] == 1.0
 
 
 def test_calibration_recovers_platt_parameters():

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -53,6 +54,7 @@ def test_settings_round_trip_through_flower_run_config():
     ({"centers": "a", "test-centers": "a"}, "at least one centre must train"),
     ({"seg-round": 3}, "unknown run-config key(s) seg-round"),
     ({"seed": "abc"}, "run-config seed = 'abc'"),
+    ({"cls-masks": "predicted"}, "cls-masks 'predicted' unknown"),
 ])
 def test_bad_settings_are_one_line_errors(config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -179,6 +181,22 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
         for record in reply.content.values():
             if isinstance(record, MetricRecord):
                 assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 12
+
+    # Classifier ROIs cut by the federation's segmentation model (cls-masks = segmentation): the
+    # message carries the model's weights; markers fed to the classifier are measured on its
+    # masks, the auxiliary targets on the reference masks; a case it misses falls back to its
+    # reference mask (here: an untrained model), so no training case is lost.
+    site = Site("center1", tiny / "center1", settings)
+    _, fit_reference, _ = site.roi_dataset()
+    grown = site.roi_dataset(lambda sample: ndimage.binary_dilation(sample.mask, iterations=2).astype(np.uint8))[0]
+    assert all(grown.markers[k]["volume_ml"] > 1.5 * grown.reference_markers[k]["volume_ml"] for k in grown.markers)
+    assert len(site.roi_dataset(lambda sample: np.zeros_like(sample.mask))[1]) == len(fit_reference)
+    cls_initial = ArrayRecord(client_app.cls_model(site).state_dict())
+    seg_cut = call_client(client_app.app, "train.cls", RecordDict(
+        {"arrays": cls_initial, "seg-arrays": weights,
+         "config": ConfigRecord({"server-round": 1, "use-synthetic": False})}), 0, settings)
+    assert set(seg_cut.content.keys()) == {"arrays", "metrics"}
+    assert dict(seg_cut.content["metrics"])["num-examples"] == len(fit_reference)
 
     # Classifier under client-side DP-SGD: weights plus the site's epsilon, composed over rounds.
     dp_settings = settings_for(tiny, tmp_path / "dp", dp_sgd_noise_multiplier=1.0, dp_sgd_delta=1e-3)

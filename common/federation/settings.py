@@ -12,6 +12,10 @@ from common.errors import ConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 RATIOS = ("none", "1:1", "1:2")
+# Where the classifier's training and calibration ROIs (and fused markers) are cut: on the
+# federated segmentation model's masks, as at inference at any site (default), or on the
+# reference masks (the segmentation errors are then seen only at test time).
+CLS_MASKS = ("segmentation", "reference")
 # Classifier arms compared on the held-out centres (all share the federated segmentation model):
 #   federated     FedAvg-style rounds over the training centres (with on-site synthesis if enabled)
 #   no-synthesis  the same rounds, seeds and budget without synthetic ROIs (ablation)
@@ -45,6 +49,7 @@ class FederationSettings:
     seg_epochs: int = 2  # local epochs per round
     cls_rounds: int = 3
     cls_epochs: int = 4  # x cls-rounds = the profile's 12 classifier epochs
+    cls_masks: str = "segmentation"  # see CLS_MASKS
     synthesis: str = "1:2"
     arms: tuple[str, ...] = ("federated",)
     round_timeout_s: float = 3600.0
@@ -57,6 +62,8 @@ class FederationSettings:
             raise ConfigError(f"strategy {self.strategy!r} unknown; use one of {', '.join(STRATEGIES)}")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ConfigError("strategy 'fedprox' needs proximal-mu > 0")
+        if self.cls_masks not in CLS_MASKS:
+            raise ConfigError(f"cls-masks {self.cls_masks!r} unknown; use one of {', '.join(CLS_MASKS)}")
         if self.synthesis not in RATIOS:
             raise ConfigError(f"synthesis {self.synthesis!r} unknown; use one of {', '.join(RATIOS)}")
         unknown_arms = set(self.arms) - set(ARMS)

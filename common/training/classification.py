@@ -52,6 +52,7 @@ from torch import nn
 from common.data.contract import Case
 from common.data.preprocess import DEFAULT_WINDOWS, Sample, load_case
 from common.data.roi import CaseROIs, extract_rois
+from common.metrics.markers import marker_features, marker_vector
 from common.errors import ConfigError, DataError, HemexError
 from common.networks.vit import marker_inputs  # cheap: timm is imported only when a model is built
 
@@ -210,6 +211,9 @@ class ROIDataset:
     cases: list[CaseROIs] = field(default_factory=list)
     markers: dict[str, dict] = field(default_factory=dict)  # "center/case_id" -> features
     excluded: list[Exclusion] = field(default_factory=list)
+    # With a mask provider and reference_markers=True: the markers of the reference masks, where
+    # cases have one (the auxiliary targets when ROIs are cut by a segmentation model).
+    reference_markers: dict[str, dict] = field(default_factory=dict)
 
     def labels(self) -> np.ndarray:
         return np.array([c.he for c in self.cases], dtype=int)
@@ -231,6 +235,7 @@ def reference_mask(sample: Sample) -> np.ndarray | None:
 
 def build_roi_dataset(cases: Iterable[Case], settings: ClassifierSettings, *, mask_provider: MaskProvider | None = None,
                       windows=DEFAULT_WINDOWS, require_label: bool = True, with_markers: bool = True,
+                      reference_markers: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> ROIDataset:
     """ROIs for `cases`, never silently dropping one: a case without a label (when required),
     without a mask, with an empty mask, or whose image cannot be read goes to ``excluded``.
@@ -240,6 +245,8 @@ def build_roi_dataset(cases: Iterable[Case], settings: ClassifierSettings, *, ma
     on its grid, e.g. a segmentation model's prediction.
     with_markers: also measure the marker features (``.markers``); always done for a
     marker-fusion classifier, whose ROIs carry them (``CaseROIs.features``).
+    reference_markers: with a mask provider, also measure the markers of each case's reference
+    mask where it has one (``.reference_markers``); a case without one is not excluded for it.
     """
     cases = list(cases)
     out = ROIDataset()
@@ -252,8 +259,12 @@ def build_roi_dataset(cases: Iterable[Case], settings: ClassifierSettings, *, ma
             reason = "no reference mask (masks/<case_id> missing)"
         if reason is None:
             try:
-                sample = load_case(case, spacing=settings.spacing, windows=windows, with_mask=reference)
+                sample = load_case(case, spacing=settings.spacing, windows=windows,
+                                   with_mask=reference or (reference_markers and case.mask_path is not None))
                 mask = reference_mask(sample) if reference else mask_provider(sample)
+                if not reference and reference_markers and sample.mask is not None and sample.mask.any():
+                    out.reference_markers[key(case)] = marker_features(sample.hu, sample.mask, sample.spacing,
+                                                                       settings.hypodense_hu)
                 if mask is None:
                     reason = "mask provider returned no mask"
                 elif not np.asarray(mask).any():
@@ -264,8 +275,6 @@ def build_roi_dataset(cases: Iterable[Case], settings: ClassifierSettings, *, ma
                                         pixels=settings.pixels, windows=windows)
                     rois.he = case.he
                     if with_markers or settings.marker_fusion:
-                        from common.metrics.markers import marker_features, marker_vector
-
                         features = marker_features(sample.hu, mask, sample.spacing, settings.hypodense_hu)
                         rois.features = marker_vector(features)
                         features["onset_to_ct_h"] = case.onset_to_ct_h
@@ -423,21 +432,25 @@ def slice_arrays(train_rois: Sequence[CaseROIs], settings: ClassifierSettings, e
 
 def aux_arrays(train_rois: Sequence[CaseROIs], aux_targets: dict | None, n_slices: int):
     """(targets (n_slices, n_markers), known (n_slices,)): the case markers standardised over the
-    training cases, repeated per slice; rows of extra ROIs (after the real slices) are unknown."""
+    training cases that have them, repeated per slice; rows of cases without markers (e.g. no
+    reference mask) and of extra ROIs (after the real slices) are unknown."""
     from common.metrics.markers import MARKER_NAMES
 
-    if not aux_targets:
+    have = [key(r) in aux_targets for r in train_rois] if aux_targets else []
+    if not any(have):
         raise DataError("aux_targets", "classifier.aux_weight > 0 needs the marker features of the training cases")
     try:
-        per_case = np.array([[aux_targets[key(r)][n] for n in MARKER_NAMES] for r in train_rois], np.float64)
+        per_case = np.nan_to_num(np.array([[aux_targets[key(r)][n] for n in MARKER_NAMES] if h else [0.0] * len(MARKER_NAMES)
+                                           for r, h in zip(train_rois, have)], np.float64))
     except KeyError as err:
-        raise DataError("aux_targets", f"no marker features for {err}") from err
-    per_case = np.nan_to_num(per_case)
-    per_case = (per_case - per_case.mean(0)) / np.where(per_case.std(0) > 1e-8, per_case.std(0), 1.0)
+        raise DataError("aux_targets", f"no marker features {err} in a case's targets") from err
+    seen = per_case[np.array(have)]
+    per_case = (per_case - seen.mean(0)) / np.where(seen.std(0) > 1e-8, seen.std(0), 1.0)
     rows = np.concatenate([np.repeat(per_case[i:i + 1], len(r.images), axis=0) for i, r in enumerate(train_rois)])
+    row_known = np.concatenate([np.full(len(r.images), float(h)) for r, h in zip(train_rois, have)])
     targets = np.zeros((n_slices, len(MARKER_NAMES)), np.float32)
     known = np.zeros(n_slices, np.float32)
-    targets[:len(rows)], known[:len(rows)] = rows, 1.0
+    targets[:len(rows)], known[:len(rows)] = rows, row_known
     return torch.from_numpy(targets), torch.from_numpy(known)
 
 
