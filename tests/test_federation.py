@@ -132,6 +132,14 @@ def test_stage_grid_never_sends_to_held_out_nodes():
     assert [m.metadata.message_type for m in inner.sent] == ["train.seg"]
     with pytest.raises(RuntimeError, match="refusing to send train to node 4"):
         grid.send_and_receive([Message(content, dst_node_id=4, message_type="train")])
+    # A stage's fixed records (the classifier stage's segmentation weights) ride on every message,
+    # and the bytes sent per site count them.
+    seg = ArrayRecord([np.ones(256, np.float32)])
+    attached = StageGrid(inner, {1: "center1"}, "cls", attach={"seg-arrays": seg})
+    attached.send_and_receive([Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate")])
+    last = inner.sent[-1]
+    assert last.metadata.message_type == "evaluate.cls" and "seg-arrays" in last.content.array_records
+    assert attached.rounds["evaluate.cls"][0]["sent_bytes"]["center1"] == seg.count_bytes()
 
 
 # ------------------------------------------------------------------------------------------
