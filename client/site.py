@@ -82,7 +82,8 @@ class Site:
             self._rois[source] = (dataset, fit, val)
         return self._rois[source]
 
-    def aux_targets(self, dataset) -> dict | None:
+    @staticmethod
+    def aux_targets(dataset) -> dict | None:
         """Auxiliary marker targets: the reference masks' markers where ROIs come from a model."""
         return (dataset.reference_markers or dataset.markers) or None
 

@@ -52,8 +52,8 @@ from torch import nn
 from common.data.contract import Case
 from common.data.preprocess import DEFAULT_WINDOWS, Sample, load_case
 from common.data.roi import CaseROIs, extract_rois
-from common.metrics.markers import marker_features, marker_vector
 from common.errors import ConfigError, DataError, HemexError
+from common.metrics.markers import marker_features, marker_vector
 from common.networks.vit import marker_inputs  # cheap: timm is imported only when a model is built
 
 AGGREGATIONS = ("mean_logit", "mean_prob")
