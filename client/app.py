@@ -225,12 +225,16 @@ def state_stage(arm: str) -> str:
 
 
 def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
-    """Masks from the federated segmentation model, on each sample's own grid."""
-    model = seg_model(site)
-    load_global(model, from_record(seg_weights))
-    model.eval()
+    """Masks from the federated segmentation model, on each sample's own grid. The model is built
+    on the first mask asked for: a site whose ROIs are already cached never builds it."""
+    built = []
 
     def provide(sample):
+        if not built:
+            built.append(seg_model(site))
+            load_global(built[0], from_record(seg_weights))
+            built[0].eval()
+        model = built[0]
         working = resample_sample(sample, site.cache.spacing, site.cache.windows)
         pred = predict_mask(model, working.image, site.seg.inference_roi, spacing=working.spacing,
                             satellite_mm=site.seg.satellite_mm, overlap=site.seg.sw_overlap,

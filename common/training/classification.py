@@ -53,7 +53,7 @@ from common.data.contract import Case
 from common.data.preprocess import DEFAULT_WINDOWS, Sample, load_case
 from common.data.roi import CaseROIs, extract_rois
 from common.errors import ConfigError, DataError, HemexError
-from common.metrics.markers import marker_features, marker_vector
+from common.metrics.markers import MARKER_NAMES, marker_features, marker_vector
 from common.networks.vit import marker_inputs  # cheap: timm is imported only when a model is built
 
 AGGREGATIONS = ("mean_logit", "mean_prob")
@@ -169,13 +169,9 @@ class ClassifierSettings:
     @property
     def num_outputs(self) -> int:
         """Output 0 is the HE logit; with aux_weight > 0 one regression output per marker follows."""
-        from common.metrics.markers import MARKER_NAMES
-
         return 1 + (len(MARKER_NAMES) if self.aux_weight > 0 else 0)
 
     def model_kwargs(self) -> dict:
-        from common.metrics.markers import MARKER_NAMES
-
         return {"img_size": self.pixels, "patch_size": self.patch_size, "in_chans": self.in_chans,
                 "stem": self.stem, "num_classes": self.num_outputs, "drop_rate": self.drop_rate,
                 "drop_path_rate": self.drop_path_rate, "marker_inputs": len(MARKER_NAMES) if self.marker_fusion else 0}
@@ -434,8 +430,6 @@ def aux_arrays(train_rois: Sequence[CaseROIs], aux_targets: dict | None, n_slice
     """(targets (n_slices, n_markers), known (n_slices,)): the case markers standardised over the
     training cases that have them, repeated per slice; rows of cases without markers (e.g. no
     reference mask) and of extra ROIs (after the real slices) are unknown."""
-    from common.metrics.markers import MARKER_NAMES
-
     have = [key(r) in aux_targets for r in train_rois] if aux_targets else []
     if not any(have):
         raise DataError("aux_targets", "classifier.aux_weight > 0 needs the marker features of the training cases")
