@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.site import Site, site_from_context
-from common.data.preprocess import resample_sample, to_original_grid
+from common.data.preprocess import resample_sample
 from common.federation import binned
 from common.federation.records import check_reply, from_record, load_global, norm_keys, to_record
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
@@ -33,7 +33,7 @@ from common.synthesis.run import load_synthetic, resize_rois, run_synth
 from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
 from common.training.classification import create_model as create_classifier_model
 from common.metrics.classification import Z95, delong_ci, delong_test
-from common.training.inference import predict_mask
+from common.training.inference import mask_on_grid, segment
 from common.training.privacy import DPSettings, train_classifier_dp
 from common.training.segmentation import seed_everything, train_segmentation
 
@@ -236,11 +236,10 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
             built[0].eval()
         model = built[0]
         working = resample_sample(sample, site.cache.spacing, site.cache.windows)
-        pred = predict_mask(model, working.image, site.seg.inference_roi, spacing=working.spacing,
-                            satellite_mm=site.seg.satellite_mm, overlap=site.seg.sw_overlap,
-                            sw_batch_size=site.seg.sw_batch_size)
-        back = to_original_grid(pred.astype(np.uint8), working.working, sample.working, is_mask=True)
-        return sitk.GetArrayFromImage(back)
+        pred, probabilities = segment(model, working.image, site.seg.inference_roi, spacing=working.spacing,
+                                      satellite_mm=site.seg.satellite_mm, overlap=site.seg.sw_overlap,
+                                      sw_batch_size=site.seg.sw_batch_size)
+        return sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, working.working, sample.working))
 
     return provide
 

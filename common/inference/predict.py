@@ -37,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.io import read_ct, write_image
-from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
+from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical
 from common.errors import DataError, HemexError
 from common.inference.bundle import Bundle
 from common.training.classification import write_json
@@ -104,7 +104,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     from common.data.roi import extract_rois
     from common.metrics.markers import marker_features, marker_vector
     from common.training.classification import case_logits
-    from common.training.inference import predict_mask
+    from common.training.inference import mask_on_grid, segment
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     timing, warnings = {}, []
@@ -115,11 +115,12 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
 
     t = time.perf_counter()
     pre = bundle.preprocessing
-    mask = predict_mask(bundle.seg_model, working.image, tuple(pre["roi_size"]), spacing=working.spacing,
-                        satellite_mm=float(pre.get("satellite_mm", 0.0)), overlap=float(pre.get("sw_overlap", 0.25)),
-                        sw_batch_size=int(pre.get("sw_batch_size", 4)), name=str(input_path))
-    mask_original = to_original_grid(mask.astype(np.uint8), working.working, native.original, is_mask=True)
-    mask_native = sitk.GetArrayFromImage(to_original_grid(mask.astype(np.uint8), working.working, native.working))
+    mask, probabilities = segment(bundle.seg_model, working.image, tuple(pre["roi_size"]), spacing=working.spacing,
+                                  satellite_mm=float(pre.get("satellite_mm", 0.0)),
+                                  overlap=float(pre.get("sw_overlap", 0.25)),
+                                  sw_batch_size=int(pre.get("sw_batch_size", 4)), name=str(input_path))
+    mask_original = mask_on_grid(mask, probabilities, working.working, native.original)
+    mask_native = sitk.GetArrayFromImage(mask_on_grid(mask, probabilities, working.working, native.working))
     volume = volume_ml(mask_original)
     timing["segment_s"] = time.perf_counter() - t
 
@@ -136,8 +137,8 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
         cls_sample, cls_mask = native, mask_native
         if settings.spacing is not None:
             cls_sample = resample_sample(native, settings.spacing, bundle.windows)
-            cls_mask = sitk.GetArrayFromImage(to_original_grid(mask.astype(np.uint8), working.working,
-                                                               cls_sample.working))
+            cls_mask = sitk.GetArrayFromImage(mask_on_grid(mask, probabilities, working.working,
+                                                           cls_sample.working))
         if cls_mask.any():
             rois = extract_rois(cls_sample, cls_mask, k=settings.k_slices, size_mm=settings.size_mm,
                                 pixels=settings.pixels, windows=bundle.windows)

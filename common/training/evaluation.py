@@ -15,18 +15,18 @@ import numpy as np
 import SimpleITK as sitk
 from torch import nn
 
-from common.data.preprocess import Sample, to_original_grid
+from common.data.preprocess import Sample
 from common.metrics.segmentation import segmentation_metrics, summarize
-from common.training.inference import predict_mask
+from common.training.inference import mask_on_grid, segment
 
 # The per-centre summaries keep these (flags and raw volumes stay in the per-case records).
 SUMMARY_KEYS = ("dice", "iou", "hd95_mm", "abs_vol_err_ml", "rel_vol_err", "abs_vol_err_original_ml",
                 "inference_seconds")
 
 
-def original_grid_volume_ml(pred: np.ndarray, sample: Sample) -> float:
-    """Volume (mL) of a working-grid mask once resampled onto the stored image's grid."""
-    image = to_original_grid(pred.astype(np.uint8), sample.working, sample.original, is_mask=True)
+def original_grid_volume_ml(pred: np.ndarray, probabilities: np.ndarray, sample: Sample) -> float:
+    """Volume (mL) of a working-grid prediction once mapped onto the stored image's grid."""
+    image = mask_on_grid(pred, probabilities, sample.working, sample.original)
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(image)))
     return voxels * float(np.prod(sample.original.spacing)) / 1000.0
 
@@ -34,14 +34,15 @@ def original_grid_volume_ml(pred: np.ndarray, sample: Sample) -> float:
 def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float, sw_batch_size: int,
                   device, satellite_mm: float = 0.0) -> dict:
     start = time.perf_counter()
-    pred = predict_mask(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, device=device,
-                        name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing, satellite_mm=satellite_mm)
+    pred, probabilities = segment(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
+                                  device=device, name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing,
+                                  satellite_mm=satellite_mm)
     seconds = time.perf_counter() - start
     record = {"center": sample.center, "case_id": sample.case_id,
               **segmentation_metrics(pred, sample.mask, sample.spacing), "inference_seconds": seconds}
     reference_ml = sample.meta.get("mask_volume_original_ml")
     if reference_ml is not None:
-        predicted_ml = original_grid_volume_ml(pred, sample)
+        predicted_ml = original_grid_volume_ml(pred, probabilities, sample)
         record.update(vol_pred_original_ml=predicted_ml, vol_ref_original_ml=reference_ml,
                       abs_vol_err_original_ml=abs(predicted_ml - reference_ml))
     return record
@@ -52,7 +53,7 @@ def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, 
                           progress: Callable[[int, int], None] | None = None) -> dict:
     """Predict every sample (all must have masks) and summarise.
 
-    Inference seconds per case include the post-processing (`satellite_mm`, see `predict_mask`).
+    Inference seconds per case include the post-processing (`satellite_mm`, see `segment`).
 
     Returns {"per_case": [...], "per_center": {centre: {metric: stats}}, "overall": {...}},
     stats as in `common.metrics.segmentation.summarize`.
