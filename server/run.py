@@ -262,10 +262,19 @@ class FederatedRun:
         arms = {"federated": self.train_stage("cls", initial, s.cls_rounds, attach=attach,
                                               config={"arm": "federated", "use-synthetic": with_synthesis})}
         if "no-synthesis" in s.arms and with_synthesis:
-            # Same rounds and seeds: only the synthetic ROIs differ.
-            arms["no-synthesis"] = self.train_stage("cls-no-synthesis", initial, s.cls_rounds, action="cls",
-                                                    attach=attach,
-                                                    config={"arm": "no-synthesis", "use-synthetic": False})
+            if self.no_site_kept_synthetic():
+                # Same rounds, seeds and ROIs as the federated arm, and no synthetic ROI anywhere:
+                # retraining would reproduce the federated weights exactly.
+                arms["no-synthesis"] = arms["federated"]
+                self.report["stages"]["cls-no-synthesis"] = {"reused": "federated",
+                                                             "why": "no training site kept synthetic ROIs"}
+                self.steps_total -= s.cls_rounds
+                self.log("cls-no-synthesis: no site kept synthetic ROIs, so this arm is the federated arm "
+                         "(not retrained)")
+            else:  # Same rounds and seeds: only the synthetic ROIs differ.
+                arms["no-synthesis"] = self.train_stage("cls-no-synthesis", initial, s.cls_rounds, action="cls",
+                                                        attach=attach,
+                                                        config={"arm": "no-synthesis", "use-synthetic": False})
         alone = {}
         if "local" in s.arms:
             alone.update({f"local-{c}": (c, with_synthesis) for c in s.train_centers})
@@ -274,6 +283,13 @@ class FederatedRun:
         if alone:
             arms.update(self.train_alone(initial, alone, attach))
         return arms
+
+    def no_site_kept_synthetic(self) -> bool:
+        """True when the synthesis stage ran at every training site without error and each kept
+        no synthetic ROI (the realism gate dropped them, or none were needed)."""
+        synth = self.report["stages"].get("synth")
+        return bool(synth) and set(synth) >= set(self.settings.train_centers) and all(
+            "error" not in m and int(m.get("num-kept", 0)) == 0 for m in synth.values())
 
     def train_alone(self, initial: ArrayRecord, arms: dict[str, tuple[str, bool]], attach: dict) -> dict[str, ArrayRecord]:
         """Local-only and centralized arms: one message per arm asking its node to train alone

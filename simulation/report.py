@@ -224,6 +224,9 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
                 continue
             lines.append(f"| {center} | {m.get('num-kept', 0)} / {m.get('num-needed', 0)} | {_f(m.get('realism-mmd2'))} | "
                          f"{_f(m.get('realism-threshold'))} | {verdict.get(m.get('realism-passed'), '–')} |")
+        if any(report.get("stages", {}).get("cls-no-synthesis", {}).get("reused") for report in folds):
+            lines.append("No site kept synthetic ROIs, so the no-synthesis arm is the federated arm itself "
+                         "(same rounds, seeds and ROIs; not retrained).")
         lines.append("")
     if figures["synthetic"]:
         lines += ["### Synthetic HE ROIs (per site; they never left the site)", ""]

@@ -142,6 +142,36 @@ def test_stage_grid_never_sends_to_held_out_nodes():
     assert attached.rounds["evaluate.cls"][0]["sent_bytes"]["center1"] == seg.count_bytes()
 
 
+def test_no_synthesis_arm_reuses_the_federated_weights_only_when_no_site_kept_synthetic(tmp_path, monkeypatch):
+    from server.run import FederatedRun
+
+    settings = settings_for(tmp_path, tmp_path / "run", cls_rounds=2, synthesis="1:2",
+                            centers=("center1", "center2", "center3"), test_centers=(),
+                            arms=("federated", "no-synthesis"))
+    run = FederatedRun(RecordingGrid(), settings, log=lambda _text: None)
+    trained = []
+
+    def train_stage(stage, initial, rounds, action="", attach=None, config=None):
+        trained.append(stage)
+        return ArrayRecord([np.full(4, float(len(trained)), np.float32)])
+
+    monkeypatch.setattr(run, "train_stage", train_stage)
+    dropped = {c: {"num-kept": 0, "num-needed": 9, "realism-passed": 0} for c in ("center1", "center2", "center3")}
+    for synth, retrained in [(dropped, False),
+                             ({**dropped, "center2": {"num-kept": 3, "num-needed": 9}}, True),  # one site kept some
+                             ({**dropped, "center3": {"error": "out of memory"}}, True),  # unknown: retrain
+                             ({"center1": dropped["center1"]}, True)]:  # a site never reported
+        trained.clear()
+        run.report["stages"] = {"synth": synth}
+        total = run.steps_total
+        arms = run.train_arms({})
+        assert trained == (["cls", "cls-no-synthesis"] if retrained else ["cls"])
+        assert (arms["no-synthesis"] is arms["federated"]) != retrained
+        assert run.steps_total == total - (0 if retrained else settings.cls_rounds)
+        assert ("reused" in run.report["stages"].get("cls-no-synthesis", {})) != retrained
+        run.steps_total = total
+
+
 # ------------------------------------------------------------------------------------------
 # Client handlers on real site data: every reply holds weights and aggregates only
 
