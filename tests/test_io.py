@@ -67,6 +67,30 @@ def test_broken_file_gives_one_line_error_naming_it(tmp_path):
     assert str(err.value).startswith(str(bad)) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nii", "mask.nii.gz"])
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, name):
+    # ITK's NIfTI reader zero-fills a short file and reports success; hemex must not.
+    image, _ = known_volume(size=(64, 64, 12))
+    io.write_image(sitk.Cast(image, sitk.sitkInt16), tmp_path / name, compress=name.endswith(".gz"))
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: int(len(data) * 0.6)])
+    read = io.read_mask if name.startswith("mask") else io.read_ct
+    with pytest.raises(DataError, match=rf"{name}: file is truncated") as err:
+        read(tmp_path / name)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_file_and_uncompressed_nifti_named_gz(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.nii.gz: file is empty \(0 bytes\)"):
+        io.read_ct(tmp_path / "empty.nii.gz")
+    # A plain NIfTI under a .nii.gz name is complete and readable: no false alarm.
+    image, hu = known_volume()
+    io.write_image(image, tmp_path / "plain.nii", compress=False)
+    (tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_ct(tmp_path / "plain.nii.gz")), hu)
+
+
 def test_write_image_is_atomic(tmp_path, monkeypatch):
     image, _ = known_volume()
     target = tmp_path / "out.nii.gz"

@@ -6,10 +6,12 @@ orientation and spacing are left to `preprocess.py`.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from common.errors import DataError
 TAG_MODALITY = "0008|0060"
 TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def dicom_series_files(folder: Path) -> list[str]:
@@ -103,10 +107,47 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> str | None:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty (0 bytes)")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+        problem = _nifti_payload_problem(path, reader)
+        if problem:
+            raise DataError(path, problem)
+        return reader.Execute()
     except RuntimeError as err:
         raise DataError(path, f"cannot read image: {_first_line(err)}") from err
+
+
+def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | None:
+    """Why a NIfTI file holds fewer voxel bytes than its header promises (None if complete).
+
+    ITK's NIfTI reader zero-fills a file that ends early (an interrupted copy or download) and
+    reports success, so a truncated scan would silently lose its upper slices.
+    """
+    keys = set(reader.GetMetaDataKeys())
+    if not {"vox_offset", "bitpix", "dim[0]"} <= keys:
+        return None  # not NIfTI: the other readers fail on short files themselves
+    ndim = int(reader.GetMetaData("dim[0]"))
+    voxels = int(np.prod([max(int(reader.GetMetaData(f"dim[{i}]")), 1) for i in range(1, ndim + 1)]))
+    expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == GZIP_MAGIC
+    if not gzipped:
+        present = path.stat().st_size
+    else:
+        present = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    present += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:  # a cut gzip stream ends without its trailer
+            return f"file is truncated or corrupt (compressed data ends early: {err})"
+    if present < expected:
+        return f"file is truncated: {present} bytes where its header needs {expected}"
+    return None
 
 
 def _first_line(err: Exception) -> str:
