@@ -344,6 +344,14 @@ def test_dicom_without_rescale_intercept(cohort, head_ct):
     assert_only(cohort, "B/images/b2", "rescale intercept missing")
 
 
+def test_dicom_series_with_a_missing_slice(cohort):
+    # It still loads (rebuilt on its true 3 mm grid), but a gap is missing data the site should see.
+    files = io.dicom_series_files(cohort / "B/images/b2")
+    Path(files[2]).unlink()
+    problem = assert_only(cohort, "B/images/b2", "resampled to a regular 3.00 mm grid")
+    assert "slice spacing varies 3.00-6.00 mm (1 gap(s): missing slices?)" in problem.reason
+
+
 # ----------------------------------------------------------------------------------------------
 # Mask content
 

@@ -89,6 +89,9 @@ def test_empty_file_and_uncompressed_nifti_named_gz(tmp_path):
     io.write_image(image, tmp_path / "plain.nii", compress=False)
     (tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_ct(tmp_path / "plain.nii.gz")), hu)
+    # A MetaImage converted from NIfTI carries the NIfTI header keys in its metadata: not checked as NIfTI.
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "plain.nii.gz")), str(tmp_path / "converted.mha"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_ct(tmp_path / "converted.mha")), hu)
 
 
 def test_write_image_is_atomic(tmp_path, monkeypatch):

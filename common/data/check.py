@@ -336,14 +336,15 @@ def _check_case_files(root: Path, row: _Row, tally: _Tally) -> list[Problem]:
 
 
 def _check_image(root: Path, path: Path) -> tuple[list[Problem], sitk.Image | None]:
+    notes = []  # a series rebuilt on a regular grid loads, but the site should know (gaps: missing data)
     try:
-        image = io.read_ct(path)
+        image = io.read_ct(path, notes)
     except DataError as err:  # unreadable, not 3D, not scalar, non-finite, DICOM series issues
         return [Problem(_rel(err.path, root), err.reason)], None
     except RuntimeError as err:  # an ITK failure io did not anticipate must not abort the whole check
         return [Problem(_rel(path, root), f"cannot read image: {_first_line(err)}")], None
     where = _rel(path, root)
-    return [Problem(where, reason) for reason in hu_problems(sitk.GetArrayViewFromImage(image))], image
+    return [Problem(where, reason) for reason in notes + hu_problems(sitk.GetArrayViewFromImage(image))], image
 
 
 MIN_PADDING_HU = -3100.0

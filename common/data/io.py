@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from common.data.dicom_geometry import SliceStack, irregularity, regularize
 from common.errors import DataError
 
 # DICOM tags (group|element) that hemex reads or writes.
@@ -25,6 +26,9 @@ TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
 
 GZIP_MAGIC = b"\x1f\x8b"
+NIFTI1_MAGIC = b"n+1\0"  # at byte 344 (single-file NIfTI-1; "ni1" pairs keep voxels in the .img)
+NIFTI2_MAGIC = b"n+2\0"  # at byte 4
+NIFTI2_HEADER_BYTES = 540
 
 
 def dicom_series_files(folder: Path) -> list[str]:
@@ -45,8 +49,12 @@ def dicom_series_files(folder: Path) -> list[str]:
     return files
 
 
-def read_dicom_series(folder: Path) -> sitk.Image:
-    """A DICOM series folder as one HU volume; slices ordered by position (GDCM), rescale applied."""
+def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Image:
+    """A DICOM series folder as one HU volume; slices ordered by position (GDCM), rescale applied.
+
+    A gantry-tilted or unevenly spaced series is rebuilt on a regular grid (`dicom_geometry`)
+    and what was done is appended to `notes`.
+    """
     folder = Path(folder)
     files = dicom_series_files(folder)
     reader = sitk.ImageSeriesReader()
@@ -60,14 +68,24 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     modality = reader.GetMetaData(0, TAG_MODALITY).strip() if reader.HasMetaDataKey(0, TAG_MODALITY) else ""
     if modality != "CT":
         raise DataError(folder, f"DICOM modality is {modality or 'missing'!r}, expected 'CT'")
+    try:
+        stack = SliceStack.from_reader(reader, image)
+        problem = irregularity(stack) if stack is not None else None
+    except ValueError as err:
+        raise DataError(folder, f"DICOM slice geometry: {err}") from err
+    if problem:
+        image = regularize(sitk.GetArrayFromImage(image), stack)
+        if notes is not None:
+            notes.append(f"DICOM series resampled to a regular {image.GetSpacing()[2]:.2f} mm grid: {problem}")
     return image
 
 
-def read_ct(path: Path) -> sitk.Image:
-    """Baseline NCCT (NIfTI file or DICOM series folder) as a float32 HU image."""
+def read_ct(path: Path, notes: list[str] | None = None) -> sitk.Image:
+    """Baseline NCCT (NIfTI file or DICOM series folder) as a float32 HU image; what reading had
+    to correct (a DICOM series' tilt or gaps) is appended to `notes`."""
     path = Path(path)
     if path.is_dir():
-        image = read_dicom_series(path)
+        image = read_dicom_series(path, notes)
     elif path.is_file():
         image = _read_file(path)
     else:
@@ -127,14 +145,20 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
     ITK's NIfTI reader zero-fills a file that ends early (an interrupted copy or download) and
     reports success, so a truncated scan would silently lose its upper slices.
     """
-    keys = set(reader.GetMetaDataKeys())
-    if not {"vox_offset", "bitpix", "dim[0]"} <= keys:
-        return None  # not NIfTI: the other readers fail on short files themselves
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == GZIP_MAGIC
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
+            header = handle.read(NIFTI2_HEADER_BYTES)
+    except (EOFError, OSError, zlib.error):
+        header = b""
+    # Only NIfTI is checked (other readers fail on short files themselves); its keys can also ride
+    # along in another format's metadata, so the file's own magic decides.
+    if header[344:348] != NIFTI1_MAGIC and header[4:8] != NIFTI2_MAGIC:
+        return None
     ndim = int(reader.GetMetaData("dim[0]"))
     voxels = int(np.prod([max(int(reader.GetMetaData(f"dim[{i}]")), 1) for i in range(1, ndim + 1)]))
     expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
-    with open(path, "rb") as handle:
-        gzipped = handle.read(2) == GZIP_MAGIC
     if not gzipped:
         present = path.stat().st_size
     else:

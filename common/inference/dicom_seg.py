@@ -1,8 +1,8 @@
 """DICOM SEG (highdicom) of a predicted hematoma mask, referencing the source CT series.
 
-The mask is on the original grid of the series as SimpleITK read it, whose slices follow GDCM's
-position ordering; the source datasets are read in that same order, so frame k of the mask is
-the k-th file GDCM sorted. One binary segment, "hematoma" (SCT 35566002), produced by an
+The mask may lie on any grid (the series as read, or its regularized grid when the series was
+gantry-tilted or had gaps): frame k samples it at the pixel centres of the k-th source image, so
+every frame lies exactly on the image it references. One binary segment, "hematoma" (SCT 35566002), produced by an
 automatic algorithm identified by hemex and the bundle's model version.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common import __version__
+from common.data.dicom_geometry import SliceStack, sample_on_slices
 from common.data.io import dicom_series_files
 from common.errors import DataError
 
@@ -27,10 +28,11 @@ def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_ver
     from pydicom.sr.codedict import codes
 
     sources = [pydicom.dcmread(f) for f in dicom_series_files(Path(series_folder))]
-    pixels = (sitk.GetArrayFromImage(mask) > 0).astype(np.uint8)  # (frames, rows, columns)
-    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
-    if pixels.shape != expected:
-        raise DataError(series_folder, f"mask shape {pixels.shape} does not match the series {expected}")
+    try:
+        stack = SliceStack.from_datasets(sources)
+    except (AttributeError, ValueError, TypeError) as err:
+        raise DataError(series_folder, f"cannot place the DICOM SEG frames on the source slices: {err}") from err
+    pixels = sample_on_slices(mask, stack)  # (frames, rows, columns), one frame per source image
     algorithm = hd.AlgorithmIdentificationSequence(name="hemex", version=model_version,
                                                    family=codes.cid7162.ArtificialIntelligence)
     segment = hd.seg.SegmentDescription(

@@ -7,7 +7,7 @@ Per case, in OUT_DIR:
     report.png    up to 4 axial slices through the hematoma (brain window, mask outlined)
 
 Pipeline: read -> canonical orientation (LPS) -> working spacing of the bundle -> sliding-window
-segmentation -> mask mapped back to the original grid (nearest neighbour) -> volume in mL counted
+segmentation -> mask mapped back to the original grid (interpolated probability) -> volume in mL counted
 on that grid -> classifier ROIs centred on the predicted mask (classifier's own grid) ->
 patient-level logit -> the bundle's calibration -> probability -> risk band.
 
@@ -20,7 +20,9 @@ The 0.10 margin (BAND_MARGIN) is a fixed probability distance, not a fitted quan
 
 Warnings: "no hematoma found" (empty predicted mask: probability and band are null); "slice
 thickness X mm outside the training range" when the bundle's preprocessing records
-slice_thickness_mm = [min, max] (bundles without it are not checked); a missing threshold.
+slice_thickness_mm = [min, max] (bundles without it are not checked); a missing threshold; a
+DICOM series rebuilt on a regular grid (gantry tilt, missing or uneven slices: the mask is then
+on that grid, and the DICOM SEG frames are sampled back onto the acquired slices).
 Batch mode writes OUT/<case>/... per case and OUT/summary.json.
 
 For a DICOM series input the mask is also written as a DICOM SEG object, mask.seg.dcm
@@ -37,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.io import read_ct, write_image
-from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical
+from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
 from common.errors import DataError, HemexError
 from common.inference.bundle import Bundle
 from common.training.classification import write_json
@@ -72,16 +74,24 @@ def case_name(path: Path) -> str:
     return path.name
 
 
-def load_input(path: Path, case_id: str) -> tuple[sitk.Image, Sample]:
+def load_input(path: Path, case_id: str, notes: list[str] | None = None) -> tuple[sitk.Image, Sample]:
     """(original image, native-spacing sample in canonical orientation; no window channels:
-    the working grids compute their own)."""
-    image = read_ct(path)
+    the working grids compute their own). What reading corrected is appended to `notes`."""
+    image = read_ct(path, notes)
     original = Geometry.of(image)
     canonical = to_canonical(image)
     hu = sitk.GetArrayFromImage(canonical).astype(np.float32)
     sample = Sample(case_id, "predict", np.empty((0, *hu.shape), np.float32),
                     hu, None, tuple(canonical.GetSpacing()), original, Geometry.of(canonical))
     return image, sample
+
+
+def scanned_region(original: Geometry, working: Geometry) -> np.ndarray:
+    """(z, y, x) uint8 on `working`: 1 where the scan has voxels. An oblique or tilted scan's
+    axis-aligned working grid pads its corners with air; a hematoma cannot lie there, and a mask
+    voxel there would have no place on the original grid."""
+    ones = np.ones(original.size[::-1], dtype=np.uint8)
+    return sitk.GetArrayFromImage(to_original_grid(ones, original, working))
 
 
 def _thickness_warning(image: sitk.Image, bundle: Bundle) -> str | None:
@@ -109,7 +119,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     input_path, out_dir = Path(input_path), Path(out_dir)
     timing, warnings = {}, []
     started = time.perf_counter()
-    image, native = load_input(input_path, case_name(input_path))
+    image, native = load_input(input_path, case_name(input_path), warnings)
     working = resample_sample(native, bundle.spacing, bundle.windows)
     timing["load_s"] = time.perf_counter() - started
 
@@ -119,6 +129,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
                                   satellite_mm=float(pre.get("satellite_mm", 0.0)),
                                   overlap=float(pre.get("sw_overlap", 0.25)),
                                   sw_batch_size=int(pre.get("sw_batch_size", 4)), name=str(input_path))
+    mask &= scanned_region(native.original, working.working)
     mask_original = mask_on_grid(mask, probabilities, working.working, native.original)
     mask_native = sitk.GetArrayFromImage(mask_on_grid(mask, probabilities, working.working, native.working))
     volume = volume_ml(mask_original)
