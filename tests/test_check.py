@@ -303,6 +303,13 @@ def test_bad_image_content(cohort, head_ct, write, phrase):
     assert_only(cohort, "A/images/a1.nii.gz", phrase)
 
 
+def test_scan_of_a_trunk_is_a_problem(cohort, head_ct):
+    # The same outline at 15 mm pixels spans 330 x 300 mm: a trunk, not a head (a3 has no mask).
+    write_like(head_array(head_ct), cohort / "A/images/a3.nii.gz", spacing=(15.0, 15.0, 5.0))
+    problem = assert_only(cohort, "A/images/a3.nii.gz", "larger than a head (<= 260 mm): not a head CT?")
+    assert problem.reason.startswith("body cross-section 330 x 300 mm")
+
+
 def test_uniform_padding_value_is_not_a_calibration_error(cohort, head_ct):
     # Scanners pad outside the reconstruction circle with one value such as -3024.
     array = head_array(head_ct)

@@ -109,6 +109,20 @@ def test_gantry_tilted_series_is_predicted_on_its_regular_grid(bundle, tmp_path)
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == image.GetDepth()
 
 
+def test_scan_of_a_trunk_or_a_thin_slab_is_scored_with_warnings(bundle, tmp_path):
+    trunk = head_ct(size=(90, 70, 8), spacing=(4.0, 4.0, 5.0), origin=(0.0, 0.0, 0.0))  # ~324 x 224 mm
+    result = predict_case(bundle, _written(trunk, tmp_path / "trunk.nii.gz"), tmp_path / "t")
+    assert any("larger than a head" in w for w in result["warnings"])
+    slab = head_ct(size=(48, 48, 2))
+    result = predict_case(bundle, _written(slab, tmp_path / "slab.nii.gz"), tmp_path / "s")
+    assert any("scan covers only 10 mm craniocaudally (2 slice(s))" in w for w in result["warnings"])
+
+
+def _written(image: sitk.Image, path: Path) -> Path:
+    io.write_image(image, path)
+    return path
+
+
 def test_dicom_seg_references_the_source_and_holds_the_mask(tmp_path):
     import highdicom as hd
     import pydicom
@@ -162,8 +176,14 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
     io.write_image(head_ct(), cases / "good1.nii.gz")
     io.write_dicom_series(head_ct(), cases / "good2", "P002")
     (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
+    # Stored values without the rescale (air at 24 instead of -1000): refused, not scored.
+    io.write_image(sitk.Cast(head_ct() + 1024, sitk.sitkUInt16), cases / "raw.nii.gz")
     summary = predict_inputs(bundle, cases, tmp_path / "out")
-    assert summary["failed"] == 1
+    assert summary["failed"] == 2
+    assert summary["cases"]["raw"]["error"].endswith(
+        "raw.nii.gz: not a head NCCT in Hounsfield units: no voxel below -200 HU: probably not HU "
+        "(rescale intercept missing?)")
+    assert not (tmp_path / "out" / "raw").exists()
     assert summary["cases"]["good1"]["status"] == "ok" and summary["cases"]["good2"]["status"] == "ok"
     error = summary["cases"]["broken"]["error"]
     assert "broken.nii.gz" in error and "\n" not in error

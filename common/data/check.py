@@ -25,17 +25,11 @@ from common.data import io
 from common.data.contract import (CASE_ID_PATTERN, IMAGE_SUFFIXES, MASK_SUFFIXES, OPTIONAL_NUMERIC_COLUMNS,
                                   REQUIRED_COLUMNS, ROOT_FILES, find_image, find_mask, list_centers, parse_he,
                                   parse_optional_float, read_numbered_table, storage_format, strip_suffix)
+from common.data.plausibility import anatomy_problems, hu_problems
 from common.errors import DataError
 
 ROOT_FILE_PATTERNS = (*ROOT_FILES, "README*")  # besides centre folders; hidden entries are ignored
 CENTER_ENTRIES = ("cases.csv", "images", "masks")
-
-# Plausibility of a head NCCT in Hounsfield units. Air is -1000, brain 20-45, clot 50-90, bone
-# up to ~3000; anything far outside means raw stored values or a wrong rescale.
-HU_RANGE = (-1100.0, 4100.0)
-AIR_BELOW_HU = -200.0
-SOFT_TISSUE_HU = (0.0, 100.0)
-MIN_SOFT_TISSUE_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -344,39 +338,10 @@ def _check_image(root: Path, path: Path) -> tuple[list[Problem], sitk.Image | No
     except RuntimeError as err:  # an ITK failure io did not anticipate must not abort the whole check
         return [Problem(_rel(path, root), f"cannot read image: {_first_line(err)}")], None
     where = _rel(path, root)
-    return [Problem(where, reason) for reason in notes + hu_problems(sitk.GetArrayViewFromImage(image))], image
-
-
-MIN_PADDING_HU = -3100.0
-
-
-def hu_problems(values: np.ndarray) -> list[str]:
-    """Why a voxel array does not look like a head NCCT in Hounsfield units (empty if it does).
-
-    Missing or wrong rescale slope/intercept is the most common export error and is invisible
-    in a viewer that auto-windows; these tests catch it from the value distribution alone.
-    """
-    if values.size == 0:
-        return ["image has no voxels"]
-    low, high = float(values.min()), float(values.max())
-    if low == high:  # the other tests would only restate this one
-        return [f"constant image (every voxel is {low:g})"]
-    reasons = []
-    # Scanners fill outside the reconstruction circle with one padding value (-2048, -3024...);
-    # a single such value is not a calibration error.
-    below = values[values < HU_RANGE[0]]
-    if below.size and below.min() == below.max() and below.min() >= MIN_PADDING_HU:
-        low = float(values[values >= HU_RANGE[0]].min())
-    if low < HU_RANGE[0] or high > HU_RANGE[1]:
-        reasons.append(f"values {low:g} to {high:g} outside [{HU_RANGE[0]:g}, {HU_RANGE[1]:g}]: "
-                       "not in HU or rescale missing")
-    if low > AIR_BELOW_HU:
-        reasons.append(f"no voxel below {AIR_BELOW_HU:g} HU: probably not HU (rescale intercept missing?)")
-    soft = np.count_nonzero((values >= SOFT_TISSUE_HU[0]) & (values <= SOFT_TISSUE_HU[1])) / values.size
-    if soft < MIN_SOFT_TISSUE_FRACTION:
-        reasons.append(f"only {soft:.2%} of voxels in the soft-tissue range [{SOFT_TISSUE_HU[0]:g}, "
-                       f"{SOFT_TISSUE_HU[1]:g}] HU (a head CT has brain): not a head CT or not in HU")
-    return reasons
+    reasons = notes + hu_problems(sitk.GetArrayViewFromImage(image))
+    if not reasons:  # the outline test assumes HU
+        reasons += anatomy_problems(image)
+    return [Problem(where, reason) for reason in reasons], image
 
 
 def axis_spacings(image: sitk.Image) -> tuple[list[float], float]:

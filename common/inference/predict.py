@@ -18,7 +18,11 @@ validation cases by the federation; 0.5 when the bundle has none):
     high          p >= t + 0.10
 The 0.10 margin (BAND_MARGIN) is a fixed probability distance, not a fitted quantity.
 
-Warnings: "no hematoma found" (empty predicted mask: probability and band are null); "slice
+Refused (a one-line error for the case): values that are not Hounsfield units (raw stored values,
+a missing rescale, a windowed export), as `hemex check` defines them.
+
+Warnings: a body cross-section larger than a head, or a scan too short to hold a hematoma
+(`common/data/plausibility.py`); "no hematoma found" (empty predicted mask: probability and band are null); "slice
 thickness X mm outside the training range" when the bundle's preprocessing records
 slice_thickness_mm = [min, max] (bundles without it are not checked); a missing threshold; a
 DICOM series rebuilt on a regular grid (gantry tilt, missing or uneven slices: the mask is then
@@ -39,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.io import read_ct, write_image
+from common.data.plausibility import anatomy_problems, coverage_problems, hu_problems
 from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
 from common.errors import DataError, HemexError
 from common.inference.bundle import Bundle
@@ -120,6 +125,10 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     timing, warnings = {}, []
     started = time.perf_counter()
     image, native = load_input(input_path, case_name(input_path), warnings)
+    refused = hu_problems(native.hu)
+    if refused:  # raw stored values or a wrong rescale: any probability would be meaningless
+        raise DataError(input_path, "not a head NCCT in Hounsfield units: " + "; ".join(refused))
+    warnings += anatomy_problems(image) + coverage_problems(image)
     working = resample_sample(native, bundle.spacing, bundle.windows)
     timing["load_s"] = time.perf_counter() - started
 
