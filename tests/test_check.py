@@ -273,7 +273,7 @@ def test_several_masks(cohort):
     ("A/images/a1.nii.gz", "A/images/zz.nii.gz", "orphan image: no row for case 'zz'"),
     ("B/images/b2", "B/images/b3", "orphan image: no row for case 'b3'"),
     ("A/masks/a1.nii.gz", "A/masks/zz.nii", "orphan mask: no row for case 'zz'"),
-    ("A/images/a1.nii.gz", "A/images/a1.mha", "unsupported image entry"),
+    ("A/images/a1.nii.gz", "A/images/a1.mhd", "unsupported image entry"),
     ("A/images/a1.nii.gz", "A/images/a1.nii.gz.bak", "unsupported image entry"),
     ("B/images/b2", "A/masks/a1", "unsupported mask entry"),
 ])
@@ -301,6 +301,19 @@ def test_orphan_and_unsupported_entries(cohort, source, orphan, phrase):
 def test_bad_image_content(cohort, head_ct, write, phrase):
     write(cohort / "A/images/a1.nii.gz", head_array(head_ct))
     assert_only(cohort, "A/images/a1.nii.gz", phrase)
+
+
+def test_nrrd_and_metaimage_cases_are_valid(cohort):
+    # 3D Slicer's NRRD and ITK's MetaImage carry the geometry just as NIfTI does.
+    for case, suffix in (("a1", ".nrrd"), ("a2", ".mha")):
+        old = next((cohort / "A/images").glob(f"{case}.nii*"))
+        sitk.WriteImage(sitk.ReadImage(str(old)), str(cohort / f"A/images/{case}{suffix}"))
+        old.unlink()
+    sitk.WriteImage(sitk.ReadImage(str(cohort / "A/masks/a1.nii.gz")), str(cohort / "A/masks/a1.nrrd"))
+    (cohort / "A/masks/a1.nii.gz").unlink()
+    problems, summaries = check_data_root(cohort)
+    assert problems == [], [str(p) for p in problems]
+    assert summaries[0].storage == ("mha", "nii.gz", "nrrd")
 
 
 def test_scan_of_a_trunk_is_a_problem(cohort, head_ct):

@@ -22,7 +22,8 @@ def known_volume(spacing=(0.45, 0.5, 5.2), origin=(-60.0, -70.5, 12.25), size=(2
     return image, hu
 
 
-@pytest.mark.parametrize("name, pixel", [("ct.nii.gz", sitk.sitkInt16), ("ct.nii", sitk.sitkFloat32)])
+@pytest.mark.parametrize("name, pixel", [("ct.nii.gz", sitk.sitkInt16), ("ct.nii", sitk.sitkFloat32),
+                                         ("ct.nrrd", sitk.sitkInt16), ("ct.mha", sitk.sitkFloat32)])
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "LPI"])
 def test_nifti_round_trip_exact_hu_and_geometry(tmp_path, name, pixel, orientation):
     image, hu = known_volume()

@@ -175,6 +175,7 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
     cases.mkdir()
     io.write_image(head_ct(), cases / "good1.nii.gz")
     io.write_dicom_series(head_ct(), cases / "good2", "P002")
+    io.write_image(head_ct(), cases / "good3.nrrd")
     (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
     # Stored values without the rescale (air at 24 instead of -1000): refused, not scored.
     io.write_image(sitk.Cast(head_ct() + 1024, sitk.sitkUInt16), cases / "raw.nii.gz")
@@ -184,7 +185,7 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
         "raw.nii.gz: not a head NCCT in Hounsfield units: no voxel below -200 HU: probably not HU "
         "(rescale intercept missing?)")
     assert not (tmp_path / "out" / "raw").exists()
-    assert summary["cases"]["good1"]["status"] == "ok" and summary["cases"]["good2"]["status"] == "ok"
+    assert all(summary["cases"][name]["status"] == "ok" for name in ("good1", "good2", "good3"))
     error = summary["cases"]["broken"]["error"]
     assert "broken.nii.gz" in error and "\n" not in error
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))

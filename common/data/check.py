@@ -56,7 +56,7 @@ class CenterSummary:
     prevalence: float | None  # HE / (HE + NHE); None without labelled cases
     inplane_spacing_range: tuple[float, float] | None  # mm, over both in-plane axes of every image
     slice_spacing_range: tuple[float, float] | None  # mm
-    storage: tuple[str, ...]  # sorted subset of 'dicom', 'nii', 'nii.gz'
+    storage: tuple[str, ...]  # sorted subset of 'dicom', 'mha', 'nii', 'nii.gz', 'nrrd'
     n_masks: int
 
 
@@ -169,7 +169,7 @@ def _check_center_entries(root: Path, center_dir: Path) -> list[Problem]:
             problems.append(Problem(_rel(folder, root), "must be a folder"))
     if not (center_dir / "images").exists():
         problems.append(Problem(_rel(center_dir / "images", root),
-                                "missing (expected images/<case_id>.nii.gz, .nii or a DICOM folder)"))
+                                f"missing (expected images/<case_id>{', '.join(IMAGE_SUFFIXES)} or a DICOM folder)"))
     return problems
 
 
@@ -180,8 +180,7 @@ def _check_folder_entries(root: Path, folder: Path, case_ids: set[str], kind: st
     reported once, on its row, rather than again as an orphan file.
     """
     suffixes = IMAGE_SUFFIXES if kind == "image" else MASK_SUFFIXES
-    expected = ("<case_id>.nii.gz, <case_id>.nii" +
-                (" or a DICOM folder <case_id>/" if kind == "image" else ""))
+    expected = ("<case_id>" + ", ".join(suffixes) + (" or a DICOM folder <case_id>/" if kind == "image" else ""))
     entries, problems = _visible_entries(folder, root)
     for entry in entries:
         if entry.is_dir() and kind == "image":

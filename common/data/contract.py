@@ -3,7 +3,7 @@
     DATA_ROOT/
       <center_id>/
         cases.csv                  header row; required columns: case_id, he
-        images/<case_id>.nii.gz    baseline NCCT in HU (or <case_id>.nii, or <case_id>/ = DICOM series)
+        images/<case_id>.nii.gz    baseline NCCT in HU (or .nii, .nrrd, .mha, or <case_id>/ = DICOM series)
         masks/<case_id>.nii.gz     optional hematoma mask (nonzero = hematoma), same grid as the image
       truth.csv                    synthetic cohorts only; never read by training code
 
@@ -24,8 +24,10 @@ from common.errors import DataError
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 REQUIRED_COLUMNS = ("case_id", "he")
 OPTIONAL_NUMERIC_COLUMNS = ("onset_to_ct_h", "followup_volume_ml")
-IMAGE_SUFFIXES = (".nii.gz", ".nii")  # a folder named <case_id> is a DICOM series
-MASK_SUFFIXES = (".nii.gz", ".nii")
+# Single-file volumes SimpleITK reads with their geometry: NIfTI, NRRD (3D Slicer), MetaImage.
+# A folder named <case_id> is a DICOM series.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+MASK_SUFFIXES = IMAGE_SUFFIXES
 ROOT_FILES = ("truth.csv", "cohort.json")  # files allowed at DATA_ROOT besides centre folders (synthetic cohorts)
 
 
@@ -41,14 +43,14 @@ class Case:
 
     @property
     def storage(self) -> str:
-        """Storage format of the image: 'nii.gz', 'nii' or 'dicom'."""
+        """Storage format of the image: 'nii.gz', 'nii', 'nrrd', 'mha' or 'dicom'."""
         return storage_format(self.image_path)
 
 
 def storage_format(path: Path) -> str:
     if path.is_dir():
         return "dicom"
-    return "nii.gz" if path.name.endswith(".nii.gz") else "nii"
+    return next((s[1:] for s in IMAGE_SUFFIXES if path.name.endswith(s)), path.suffix[1:])
 
 
 def strip_suffix(name: str, suffixes=IMAGE_SUFFIXES) -> str | None:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from common.data.contract import IMAGE_SUFFIXES
 from common.data.io import read_ct, write_image
 from common.data.plausibility import anatomy_problems, coverage_problems, hu_problems
 from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
@@ -51,7 +52,6 @@ from common.training.classification import write_json
 
 BAND_MARGIN = 0.10
 DEFAULT_THRESHOLD = 0.5
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NO_HEMATOMA = "no hematoma found"
 
 
@@ -73,7 +73,7 @@ def risk_band(probability: float | None, threshold: float, margin: float = BAND_
 
 def case_name(path: Path) -> str:
     path = Path(path)
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if path.name.endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name
@@ -247,7 +247,7 @@ def write_report(hu: np.ndarray, mask: np.ndarray, spacing, path: Path, title: s
 def _is_dicom_series(folder: Path) -> bool:
     """A folder of plain files (no NIfTI, no subfolders) is read as one DICOM series."""
     children = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    return bool(children) and not any(p.is_dir() or p.name.endswith(NIFTI_SUFFIXES) for p in children)
+    return bool(children) and not any(p.is_dir() or p.name.endswith(IMAGE_SUFFIXES) for p in children)
 
 
 def find_cases(input_path: Path) -> list[Path]:
@@ -257,9 +257,9 @@ def find_cases(input_path: Path) -> list[Path]:
     if input_path.is_file() or _is_dicom_series(input_path):
         return [input_path]
     cases = sorted(p for p in input_path.iterdir() if not p.name.startswith(".")
-                   and (p.is_dir() or p.name.endswith(NIFTI_SUFFIXES)))
+                   and (p.is_dir() or p.name.endswith(IMAGE_SUFFIXES)))
     if not cases:
-        raise DataError(input_path, "no NIfTI files or DICOM series folders found")
+        raise DataError(input_path, f"no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders found")
     return cases
 
 
