@@ -24,6 +24,7 @@ from common.errors import DataError
 TAG_MODALITY = "0008|0060"
 TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
+TAG_SERIES_DESCRIPTION = "0008|103e"
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_MAGIC = b"n+1\0"  # at byte 344 (single-file NIfTI-1; "ni1" pairs keep voxels in the .img)
@@ -42,11 +43,26 @@ def dicom_series_files(folder: Path) -> list[str]:
     if not series:
         raise DataError(folder, "no DICOM series found in folder")
     if len(series) > 1:
-        raise DataError(folder, f"folder holds {len(series)} DICOM series; put one series per case folder")
+        listing = "; ".join(_describe_series(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series)
+        raise DataError(folder, f"folder holds {len(series)} DICOM series ({listing}); put one series per case folder")
     files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
     if len(files) < 2:
         raise DataError(folder, f"DICOM series has {len(files)} slice(s); a head CT volume needs several")
     return files
+
+
+def _describe_series(files) -> str:
+    """'HEAD 5mm' (30 images): how a PACS viewer would name a series, to pick the right one."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+        description = reader.GetMetaData(TAG_SERIES_DESCRIPTION).strip() if reader.HasMetaDataKey(
+            TAG_SERIES_DESCRIPTION) else ""
+    except RuntimeError:
+        description = ""
+    return f"{description or 'no description'!r}: {len(files)} image(s)"
 
 
 def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Image:
