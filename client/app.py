@@ -237,7 +237,7 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
         model = built[0]
         working = resample_sample(sample, site.cache.spacing, site.cache.windows)
         pred, probabilities = segment(model, working.image, site.seg.inference_roi, spacing=working.spacing,
-                                      satellite_mm=site.seg.satellite_mm, overlap=site.seg.sw_overlap,
+                                      satellite_mm=site.seg.satellite_mm, hu=working.hu, overlap=site.seg.sw_overlap,
                                       sw_batch_size=site.seg.sw_batch_size)
         return sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, working.working, sample.working))
 

@@ -135,7 +135,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     t = time.perf_counter()
     pre = bundle.preprocessing
     mask, probabilities = segment(bundle.seg_model, working.image, tuple(pre["roi_size"]), spacing=working.spacing,
-                                  satellite_mm=float(pre.get("satellite_mm", 0.0)),
+                                  satellite_mm=float(pre.get("satellite_mm", 0.0)), hu=working.hu,
                                   overlap=float(pre.get("sw_overlap", 0.25)),
                                   sw_batch_size=int(pre.get("sw_batch_size", 4)), name=str(input_path))
     mask &= scanned_region(native.original, working.working)

@@ -36,7 +36,7 @@ def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float,
     start = time.perf_counter()
     pred, probabilities = segment(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
                                   device=device, name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing,
-                                  satellite_mm=satellite_mm)
+                                  satellite_mm=satellite_mm, hu=sample.hu)
     seconds = time.perf_counter() - start
     record = {"center": sample.center, "case_id": sample.case_id,
               **segmentation_metrics(pred, sample.mask, sample.spacing), "inference_seconds": seconds}

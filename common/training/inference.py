@@ -19,7 +19,7 @@ from torch import nn
 from common.data.preprocess import Geometry, to_original_grid
 from common.errors import DataError
 from common.networks import main_output
-from common.training.postprocess import keep_main_lesion
+from common.training.postprocess import keep_blood_density, keep_main_lesion
 
 
 def required_multiple(model: nn.Module) -> tuple[int, int, int]:
@@ -65,17 +65,21 @@ def predict_probabilities(model: nn.Module, image, roi_size, *, overlap: float =
         model.train(was_training)
 
 
-def segment(model: nn.Module, image, roi_size, *, spacing=None, satellite_mm: float = 0.0,
+def segment(model: nn.Module, image, roi_size, *, spacing=None, satellite_mm: float = 0.0, hu=None,
             **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """(mask, probabilities) on the working grid: the mask (z, y, x) uint8 holds the voxels where
     the hematoma class wins, the foreground probability float32 is kept for mapping the mask
     onto another grid (`mask_on_grid`).
 
-    With `satellite_mm` > 0 (and the volume's `spacing` (x, y, z) mm), only the main lesion
-    and components within that distance of it are kept (see `postprocess.keep_main_lesion`).
+    With the volume's `hu` (z, y, x), components that cannot be acute blood (mean outside
+    `postprocess.MIN_LESION_HU`-`MAX_LESION_HU`) are dropped first. With `satellite_mm` > 0 (and the volume's
+    `spacing` (x, y, z) mm), only the main lesion and components within that distance of it
+    are kept (see `postprocess.keep_main_lesion`).
     """
     probabilities = predict_probabilities(model, image, roi_size, **kwargs)
     mask = (probabilities > 0.5).astype(np.uint8)
+    if hu is not None:
+        mask = keep_blood_density(mask, hu)
     if satellite_mm > 0:
         if spacing is None:
             raise ValueError("satellite_mm needs the volume's spacing (x, y, z) in mm")

@@ -75,7 +75,7 @@ def validation_dice(model: nn.Module, samples: list[Sample], roi_size, *, overla
     for sample in samples:
         pred = predict_mask(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
                             device=device, name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing,
-                            satellite_mm=satellite_mm)
+                            satellite_mm=satellite_mm, hu=sample.hu)
         scores.append(segmentation_metrics(pred, sample.mask, sample.spacing)["dice"])
     return float(np.mean(scores))
 
