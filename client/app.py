@@ -29,7 +29,7 @@ from common.federation.records import check_reply, from_record, load_global, nor
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model
 from common.training.evaluation import evaluate_segmentation
-from common.synthesis.run import load_synthetic, resize_rois, run_synth
+from common.synthesis.run import MIN_HE_CASES, load_synthetic, resize_rois, run_synth, usable_he_cases
 from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
 from common.training.classification import create_model as create_classifier_model
 from common.metrics.classification import Z95, delong_ci, delong_test
@@ -152,6 +152,10 @@ def synthesize(message: Message, context: Context) -> Message:
     """Train the site's generator on its HE ROIs, generate toward the HE:NHE ratio, audit for
     memorization and realism; keep the accepted samples on site, report only counts and audit numbers."""
     site = site_from_context(context.node_config, context.run_config)
+    n_he = usable_he_cases(site.data_path.parent, site.data_path.name)
+    if n_he < MIN_HE_CASES:  # a small site: nothing to learn from, so it trains on its real ROIs only
+        return reply(message, RecordDict({"metrics": MetricRecord({"num-kept": 0, "num-needed": 0,
+                                                                   "skipped-he-cases": n_he})}))
     audit = run_synth(site.data_path.parent, site.data_path.name, site.work_dir, profile=site.settings.profile,
                       seed=site.round_seed("synth", 0), ratio=site.settings.synthesis, log=lambda _text: None)
     memo = audit["memorization"]
@@ -183,6 +187,12 @@ def train_cls(message: Message, context: Context) -> Message:
                      and site.settings.dp_sgd_noise_multiplier == 0)
     extra, extra_masks = synthetic_rois(site) if use_synthetic else (None, None)
     settings = site.settings
+    n_he = sum(r.he == 1 for r in fit) + (0 if extra is None else len(extra))
+    if "epochs" not in config and not 0 < n_he < len(fit) + (0 if extra is None else len(extra)):
+        # A federated round at a site whose training cases hold one class (a small hospital with
+        # no HE case): nothing to learn about HE vs not, so it returns the global weights with
+        # weight 0. A local-only arm there fails instead: it would have no model to report.
+        return skip_round(message, model, settings, len(dataset.excluded), started)
     if settings.dp_sgd_noise_multiplier > 0:  # DP-SGD draws patients, not slices
         steps_per_epoch = max(1, len(fit) // max(1, min(site.cls.batch_size, len(fit))))
     else:
@@ -216,6 +226,19 @@ def train_cls(message: Message, context: Context) -> Message:
         context.state[f"{state_stage(arm)}-local-norm"] = to_record({k: state[k] for k in local_keys})
     metrics.update({"num-examples": len(fit), "num-excluded": len(dataset.excluded),
                     "handler-seconds": time.perf_counter() - started})
+    return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
+                 model_keys=set(state))
+
+
+def skip_round(message: Message, model, settings, excluded: int, started: float) -> Message:
+    """The round's reply of a site that does not train: the received weights, the same metric keys
+    as a trained reply (Flower aggregates only uniform replies), no examples, no loss. Under DP-SGD
+    such a site never trains, so it has spent no privacy budget."""
+    state = model.state_dict()
+    metrics = {"train-loss": float("nan"), "num-synthetic": 0, "seconds": 0.0}
+    if settings.dp_sgd_noise_multiplier > 0:
+        metrics.update({"dp-epsilon": 0.0, "dp-delta": settings.dp_sgd_delta, "dp-steps": 0})
+    metrics.update({"num-examples": 0, "num-excluded": excluded, "handler-seconds": time.perf_counter() - started})
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
                  model_keys=set(state))
 
@@ -277,7 +300,11 @@ def evaluate_cls(message: Message, context: Context) -> Message:
         receive_global(model, message.content["arrays"], context, state_stage(str(config.get("arm", "federated"))),
                        site.settings.fedbn)
         z = case_logits(model, rois, site.cls) if rois else np.zeros(0)
-        return reply(message, RecordDict({"metrics": MetricRecord({**counts, **score_metrics(labels, z, config)})}))
+        # Flower aggregates a round's replies only when every site sends the same keys; a site whose
+        # validation cases hold one class (or none) has no AUC, and NaN says so.
+        padded = {**{k: float("nan") for k in ROUND_METRICS}, **binned.to_metrics(z, labels),
+                  **score_metrics(labels, z, config)}
+        return reply(message, RecordDict({"metrics": MetricRecord({**counts, **padded})}))
     logits = {}
     for arm, record in arms.items():
         model = cls_model(site)
@@ -292,6 +319,9 @@ def evaluate_cls(message: Message, context: Context) -> Message:
             metrics.update({"vs-federated-diff": test["diff"], "vs-federated-se": se, "vs-federated-p": test["p"]})
         content[f"arm.{arm}"] = MetricRecord(metrics)
     return reply(message, content)
+
+
+ROUND_METRICS = ("brier", "auc", "auc-lo", "auc-hi", "auc-se", "sensitivity", "specificity")
 
 
 def score_metrics(labels: np.ndarray, z: np.ndarray, config: ConfigRecord, prefix: str = "") -> dict:

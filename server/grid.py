@@ -9,6 +9,7 @@ per-centre metrics and bytes of every round.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from typing import Iterable
@@ -75,7 +76,7 @@ class StageGrid(Grid):
         for reply in replies:
             center = self.node_centers.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
             if reply.has_error():
-                entry["errors"][center] = reply.error.reason
+                entry["errors"][center] = error_summary(reply.error.reason)
                 continue
             entry["reply_bytes"][center] = sum(r.count_bytes() for r in reply.content.array_records.values())
             for record in reply.content.metric_records.values():
@@ -84,3 +85,21 @@ class StageGrid(Grid):
         for center in missing:
             entry["errors"][center] = "no reply before the round timeout"
         self.rounds[kind].append(entry)
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Violation)):\s*(\S.*)$")
+WRAPPERS = {"ClientAppException", "RayTaskError"}  # the runtime's envelopes around a site's own error
+
+
+def error_summary(reason: str) -> str:
+    """The site's own error from a Flower error reply, e.g. "DataError: training set: needs both
+    classes, ...": the simulation engine wraps it in a remote traceback whose first lines name only
+    the runtime. Falls back to the reason's first line."""
+    lines = ANSI_ESCAPE.sub("", str(reason)).splitlines()
+    found = [m for m in map(EXCEPTION_LINE.match, lines) if m and m.group(1) not in WRAPPERS
+             and not m.group(1).startswith("RayTaskError")]
+    if found:
+        return f"{found[-1].group(1)}: {found[-1].group(2).strip()}"
+    first = next((line.strip() for line in lines if line.strip()), "")
+    return first or "unknown error"

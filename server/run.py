@@ -26,7 +26,7 @@ from common.training.classification import create_model as create_classifier_mod
 from common.training.segmentation import seed_everything
 from common.training.settings import SegmentationSettings
 from server.checkpoint import ServerCheckpoints
-from server.grid import StageGrid
+from server.grid import StageGrid, error_summary
 from server.strategies import build_strategy
 
 
@@ -76,7 +76,7 @@ class FederatedRun:
         centers, counts = {}, {}
         for reply in replies:
             if reply.has_error():
-                self.log(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
+                self.log(f"node {reply.metadata.src_node_id} failed to describe itself: {error_summary(reply.error.reason)}")
                 continue
             center = str(reply.content["info"]["center"])
             if center in centers:
@@ -183,10 +183,7 @@ class FederatedRun:
             results = self.send("query.synth", train_nodes, RecordDict({"config": ConfigRecord({})}))
             self.report["stages"]["synth"] = results
             self.report["timing"]["synth_seconds"] = time.time() - synth_started
-            self.progress("synth: " + "; ".join(f"{c}: kept {m.get('num-kept', 0)} of {m.get('num-needed', 0)} needed"
-                                           + (" (realism gate failed)" if m.get("realism-passed") == 0 else "")
-                                           if "error" not in m else f"{c}: failed ({m['error'][:80]})"
-                                           for c, m in results.items()))
+            self.progress("synth: " + "; ".join(synth_summary(c, m) for c, m in results.items()))
         if self.settings.cls_rounds > 0:
             cls_started = time.time()
             cls_arrays, operating_point = self.classifier(seg_arrays)
@@ -346,7 +343,7 @@ class FederatedRun:
         for reply in replies:
             key = by_node.get(reply.metadata.src_node_id)
             if key is not None:
-                results[key] = reply.error.reason if reply.has_error() else reply
+                results[key] = error_summary(reply.error.reason) if reply.has_error() else reply
         return results
 
 
@@ -360,6 +357,16 @@ def arm_view(metrics: dict, arm: str) -> dict:
 
 def _without_histograms(results: dict[str, dict]) -> dict[str, dict]:
     return {c: {k: v for k, v in m.items() if not k.startswith("hist-")} for c, m in results.items()}
+
+
+def synth_summary(center: str, m: dict) -> str:
+    """One site's synthesis outcome for the progress line."""
+    if "error" in m:
+        return f"{center}: failed ({m['error'][:80]})"
+    if "skipped-he-cases" in m:
+        return f"{center}: skipped ({int(m['skipped-he-cases'])} HE case(s) with a mask; a generator needs 2)"
+    return (f"{center}: kept {m.get('num-kept', 0)} of {m.get('num-needed', 0)} needed"
+            + (" (realism gate failed)" if m.get("realism-passed") == 0 else ""))
 
 
 def summarize_round(entry: dict) -> str:

@@ -38,10 +38,14 @@ def describe(arm: str) -> str:
 
 
 def fixed_effect(estimates: list[float], ses: list[float]) -> tuple[float, float] | None:
-    """Inverse-variance pooled estimate and its standard error (None without usable centres)."""
-    pairs = [(e, s) for e, s in zip(estimates, ses) if e is not None and s is not None and s > 0
+    """Inverse-variance pooled estimate and its standard error (None without usable centres).
+
+    A centre without an estimate (one class only) is left out. A centre whose estimate has zero
+    variance (AUC exactly 0 or 1 on a handful of cases) would take all the weight, and leaving it
+    out would silently pool the other centres alone, so the pooled value is then undefined."""
+    pairs = [(e, s) for e, s in zip(estimates, ses) if e is not None and s is not None
              and math.isfinite(e) and math.isfinite(s)]
-    if not pairs:
+    if not pairs or any(s <= 0 for _, s in pairs):
         return None
     w = np.array([1 / s**2 for _, s in pairs])
     est = float(np.sum(w * np.array([e for e, _ in pairs])) / w.sum())

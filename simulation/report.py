@@ -222,6 +222,10 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
             if "error" in m:
                 lines.append(f"| {center} | failed: {m['error'][:80]} | | | |")
                 continue
+            if "skipped-he-cases" in m:
+                lines.append(f"| {center} | skipped: {int(m['skipped-he-cases'])} HE case(s) with a mask "
+                             "(a generator needs 2) | | | |")
+                continue
             lines.append(f"| {center} | {m.get('num-kept', 0)} / {m.get('num-needed', 0)} | {_f(m.get('realism-mmd2'))} | "
                          f"{_f(m.get('realism-threshold'))} | {verdict.get(m.get('realism-passed'), '–')} |")
         if any(report.get("stages", {}).get("cls-no-synthesis", {}).get("reused") for report in folds):

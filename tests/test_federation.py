@@ -283,6 +283,62 @@ def flower_processes() -> list[int]:
 STUDY = ["--profile", "smoke", "--seg-rounds", "2", "--cls-rounds", "1", "--synthesis", "1:2", "--seed", "0"]
 
 
+@pytest.mark.slow
+def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(tiny, tmp_path):
+    """A small hospital with no HE case: synthesis is skipped with its reason, a federated round
+    returns the global weights with weight 0 and the same metric keys as a trained site (Flower
+    aggregates only uniform replies), its one-class validation has AUC NaN with the same keys,
+    and a local-only arm there fails with the reason instead of reporting an untrained model."""
+    import csv
+
+    import client.app as client_app
+    from client.site import Site
+    from common.errors import DataError
+
+    data = Path(shutil.copytree(tiny, tmp_path / "data"))
+    table = data / "center1" / "cases.csv"
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(dict(r, he="0") for r in rows)
+    settings = settings_for(data, tmp_path / "out", cls_rounds=1, synthesis="1:2")
+    synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
+    assert dict(synth.content["metrics"]) == {"num-kept": 0, "num-needed": 0, "skipped-he-cases": 0}
+
+    initial = ArrayRecord(client_app.cls_model(Site("center1", data / "center1", settings)).state_dict())
+    round_one = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1, "use-synthetic": False})})
+    skipped = call_client(client_app.app, "train.cls", round_one, 0, settings)
+    trained = call_client(client_app.app, "train.cls", round_one, 1, settings)
+    skipped_metrics, trained_metrics = dict(skipped.content["metrics"]), dict(trained.content["metrics"])
+    assert set(skipped_metrics) == set(trained_metrics)
+    assert skipped_metrics["num-examples"] == 0 and np.isnan(skipped_metrics["train-loss"])
+    assert trained_metrics["num-examples"] > 0
+    returned = skipped.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(returned[k], v) for k, v in initial.to_torch_state_dict().items())
+
+    validation = RecordDict({"arrays": initial, "config": ConfigRecord({"split": "validation"})})
+    one_class = dict(call_client(client_app.app, "evaluate.cls", validation, 0, settings).content["metrics"])
+    two_class = dict(call_client(client_app.app, "evaluate.cls", validation, 1, settings).content["metrics"])
+    assert set(one_class) == set(two_class) and np.isnan(one_class["auc"])
+
+    local = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1, "epochs": 1, "arm": "local-center1"})})
+    with pytest.raises(DataError, match="needs both classes, got 0 HE"):
+        call_client(client_app.app, "train.cls", local, 0, settings)
+
+
+def test_error_summary_finds_the_site_error_inside_the_runtime_traceback():
+    from server.grid import error_summary
+
+    reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+              "(pid=1)\n  File \"client/app.py\", line 212, in train_cls\n    raise DataError(\n"
+              "common.errors.DataError: training set: needs both classes, got 0 HE and 16 non-HE slices\n\n"
+              "The above exception was the direct cause of the following exception:\n"
+              "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred.")
+    assert error_summary(reason) == "DataError: training set: needs both classes, got 0 HE and 16 non-HE slices"
+    assert error_summary("no reply before the round timeout") == "no reply before the round timeout"
+
+
 @pytest.fixture(scope="module")
 def study(tiny_cohort, tmp_path_factory):
     """The main job, `hemex simulate`, end to end on the tiny cohort (smoke budgets): every arm
@@ -413,6 +469,8 @@ def test_pooled_external_auc_is_the_inverse_variance_combination():
     est, se = fixed_effect([0.7, 0.8], [0.1, 0.05])
     assert est == pytest.approx((0.7 / 0.01 + 0.8 / 0.0025) / (1 / 0.01 + 1 / 0.0025))
     assert se == pytest.approx((1 / 0.01 + 1 / 0.0025) ** -0.5)
+    assert fixed_effect([0.7, None], [0.1, None]) == pytest.approx((0.7, 0.1))  # a one-class centre is left out
+    assert fixed_effect([0.7, 0.0], [0.1, 0.0]) is None  # AUC 0 with zero variance: not silently dropped
     centers = {
         "a": {"n": 10, "n_he": 2, "auc": 0.7, "auc_se": 0.1, "sensitivity": 0.5, "specificity": 0.75, "brier": 0.2,
               "dice": 0.6, "volume_mae_ml": 3.0, "n_seg": 10, "vs_federated": {"diff": 0.1, "se": 0.1, "p": 0.3}},

@@ -53,6 +53,16 @@ class CenterROIs:
     skipped: list[str]
 
 
+MIN_HE_CASES = 2  # the memorization audit compares each real case with the others: two at least
+
+
+def usable_he_cases(data_root: Path, center: str) -> int:
+    """HE cases of the centre with a reference mask: what a generator can learn from."""
+    from common.data.contract import read_cohort
+
+    return sum(c.he == 1 and c.mask_path is not None for c in read_cohort(Path(data_root), [center])[center])
+
+
 def load_center_rois(data_root: Path, center: str, settings: SynthesisSettings, windows,
                      include_nhe: bool = False, log: Callable[[str], None] = lambda m: None) -> CenterROIs:
     """ROIs of a centre's HE cases (and NHE cases when include_nhe) from the reference masks, on the
@@ -62,6 +72,10 @@ def load_center_rois(data_root: Path, center: str, settings: SynthesisSettings, 
     from common.data.roi import extract_rois
 
     cases = read_cohort(Path(data_root), [center])[center]
+    usable = sum(c.he == 1 and c.mask_path is not None for c in cases)
+    if usable < MIN_HE_CASES:
+        raise DataError(Path(data_root) / center, f"{usable} HE case(s) with a reference mask; a generator and its "
+                        f"memorization audit need at least {MIN_HE_CASES}")
     labelled = [c for c in cases if c.he in (0, 1)]
     n_he = sum(c.he == 1 for c in labelled)
     n_nhe = sum(c.he == 0 for c in labelled)
