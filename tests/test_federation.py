@@ -327,6 +327,38 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
         call_client(client_app.app, "train.cls", local, 0, settings)
 
 
+@pytest.mark.slow
+def test_held_out_site_scores_every_arm_on_the_segmentation_rois(tiny, tmp_path, monkeypatch):
+    """The evaluation a held-out centre runs: ROIs and markers cut on the federated segmentation's
+    masks (here a stand-in: thresholded blood density, main lesion kept, since a smoke-trained model
+    finds nothing), every arm scored on the same cases, only aggregates and a paired test returned."""
+    import client.app as client_app
+    from client.site import Site
+    from common.training.postprocess import keep_main_lesion
+
+    def blood_threshold(site, seg_weights):
+        return lambda s: keep_main_lesion(((s.hu >= 50) & (s.hu <= 90)).astype(np.uint8), s.spacing, 20.0)
+
+    monkeypatch.setattr(client_app, "segmentation_mask_provider", blood_threshold)
+    settings = settings_for(tiny, tmp_path, cls_rounds=1)
+    state = client_app.cls_model(Site("center4", tiny / "center4", settings)).state_dict()
+    generator = torch.Generator().manual_seed(1)
+    other = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+             for k, v in state.items()}
+    scored = call_client(client_app.app, "evaluate.cls", RecordDict(
+        {"arm.federated": ArrayRecord(state), "arm.local-center1": ArrayRecord(other), "seg-arrays": ArrayRecord(state),
+         "config": ConfigRecord({"split": "all", "mask-source": "segmentation", "federated.threshold": 0.5,
+                                 "local-center1.threshold": 0.5})}), 3, settings)
+    assert set(scored.content.keys()) == {"metrics", "arm.federated", "arm.local-center1"}
+    counts = dict(scored.content["metrics"])
+    assert counts["num-examples"] + counts["num-excluded"] == 10 and counts["num-examples"] >= 5
+    federated, local = dict(scored.content["arm.federated"]), dict(scored.content["arm.local-center1"])
+    assert 0.0 <= federated["brier"] <= 1.0 and 0.0 <= local["specificity"] <= 1.0
+    assert 0 < counts["num-he"] < counts["num-examples"]  # both classes: AUC and the paired test are defined
+    assert 0.0 <= federated["auc"] <= 1.0 and 0.0 <= local["vs-federated-p"] <= 1.0
+    assert sum(v for k, v in federated.items() if k.startswith("hist-")) == counts["num-examples"]
+
+
 def test_error_summary_finds_the_site_error_inside_the_runtime_traceback():
     from server.grid import error_summary
 
@@ -380,8 +412,12 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
     assert [set(r["train"]["sent_bytes"]) for r in cls["rounds"]] == [{"center1", "center2", "center3"}]
     assert cls["operating_point"]["n"] > 0 and 0.0 < cls["operating_point"]["threshold"] < 1.0
     for center in ("center4", "center5"):  # held out: scored with ROIs from the federated segmentation
+        # Smoke budgets leave the segmentation untrained: its blobs rarely pass the blood-density
+        # filter, so few or no cases get ROIs (every case is accounted for; scoring itself is
+        # tested with a stand-in segmentation in test_held_out_site_scores_every_arm_...).
         assert cls["final"][center]["num-examples"] + cls["final"][center]["num-excluded"] == 10
-        assert 0.0 <= cls["final"][center]["brier"] <= 1.0
+        if cls["final"][center]["num-examples"]:
+            assert 0.0 <= cls["final"][center]["brier"] <= 1.0
     assert (out / "model" / "classifier" / "classifier.safetensors").is_file()
     # The other arms: the no-synthesis rounds also train only the training centres; local-only
     # and centralized models train alone on their own node (the pooled node = the three centres).
