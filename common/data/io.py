@@ -159,32 +159,31 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
     """Why a NIfTI file holds fewer voxel bytes than its header promises (None if complete).
 
     ITK's NIfTI reader zero-fills a file that ends early (an interrupted copy or download) and
-    reports success, so a truncated scan would silently lose its upper slices.
+    reports success, so a truncated scan would silently lose its upper slices. One pass: the
+    header, then (compressed files) the rest of the stream, counted without keeping it.
     """
     with open(path, "rb") as handle:
         gzipped = handle.read(2) == GZIP_MAGIC
+    header, present = b"", 0
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
-            header = handle.read(NIFTI2_HEADER_BYTES)
-    except (EOFError, OSError, zlib.error):
-        header = b""
-    # Only NIfTI is checked (other readers fail on short files themselves); its keys can also ride
-    # along in another format's metadata, so the file's own magic decides.
-    if header[344:348] != NIFTI1_MAGIC and header[4:8] != NIFTI2_MAGIC:
-        return None
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as stream:
+            header = stream.read(NIFTI2_HEADER_BYTES)
+            # Only NIfTI is checked (other readers fail on short files themselves); its keys can
+            # also ride along in another format's metadata, so the file's own magic decides.
+            if header[344:348] != NIFTI1_MAGIC and header[4:8] != NIFTI2_MAGIC:
+                return None
+            present = len(header)
+            while gzipped and (chunk := stream.read(1 << 22)):
+                present += len(chunk)
+    except (EOFError, OSError, zlib.error) as err:  # a cut gzip stream ends without its trailer
+        if not header:
+            return None  # unreadable from the start: ITK's own error says more
+        return f"file is truncated or corrupt (compressed data ends early: {err})"
+    if not gzipped:
+        present = path.stat().st_size
     ndim = int(reader.GetMetaData("dim[0]"))
     voxels = int(np.prod([max(int(reader.GetMetaData(f"dim[{i}]")), 1) for i in range(1, ndim + 1)]))
     expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
-    if not gzipped:
-        present = path.stat().st_size
-    else:
-        present = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    present += len(chunk)
-        except (EOFError, OSError, zlib.error) as err:  # a cut gzip stream ends without its trailer
-            return f"file is truncated or corrupt (compressed data ends early: {err})"
     if present < expected:
         return f"file is truncated: {present} bytes where its header needs {expected}"
     return None
