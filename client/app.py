@@ -187,8 +187,8 @@ def train_cls(message: Message, context: Context) -> Message:
                      and site.settings.dp_sgd_noise_multiplier == 0)
     extra, extra_masks = synthetic_rois(site) if use_synthetic else (None, None)
     settings = site.settings
-    n_he = sum(r.he == 1 for r in fit) + (0 if extra is None else len(extra))
-    if "epochs" not in config and not 0 < n_he < len(fit) + (0 if extra is None else len(extra)):
+    n_extra = 0 if extra is None else len(extra)  # synthetic ROIs are all HE
+    if "epochs" not in config and not 0 < sum(r.he == 1 for r in fit) + n_extra < len(fit) + n_extra:
         # A federated round at a site whose training cases hold one class (a small hospital with
         # no HE case): nothing to learn about HE vs not, so it returns the global weights with
         # weight 0. A local-only arm there fails instead: it would have no model to report.

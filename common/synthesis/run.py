@@ -72,7 +72,7 @@ def load_center_rois(data_root: Path, center: str, settings: SynthesisSettings, 
     from common.data.roi import extract_rois
 
     cases = read_cohort(Path(data_root), [center])[center]
-    usable = sum(c.he == 1 and c.mask_path is not None for c in cases)
+    usable = usable_he_cases(data_root, center)
     if usable < MIN_HE_CASES:
         raise DataError(Path(data_root) / center, f"{usable} HE case(s) with a reference mask; a generator and its "
                         f"memorization audit need at least {MIN_HE_CASES}")

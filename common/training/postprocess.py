@@ -35,8 +35,7 @@ def keep_blood_density(mask: np.ndarray, hu: np.ndarray, low: float = MIN_LESION
     if not mask.any():
         return mask.astype(np.uint8)
     labels, count = ndimage.label(mask, structure=FULL_CONNECTIVITY)
-    means = ndimage.mean(np.asarray(hu, dtype=np.float64), labels, index=np.arange(1, count + 1))
-    means = np.asarray(means)
+    means = np.asarray(ndimage.mean(np.asarray(hu, dtype=np.float64), labels, index=np.arange(1, count + 1)))
     kept = 1 + np.flatnonzero((means >= low) & (means <= high))
     return np.isin(labels, kept).astype(np.uint8)
 
