@@ -80,6 +80,32 @@ def build_cohort(root: Path) -> Path:
     return root
 
 
+def enhanced_dicom(series, folder, drop: int | None = None):
+    """The series as one Legacy Converted Enhanced CT image (highdicom): the single-file,
+    multi-frame form that current scanners and PACS export. `drop` leaves one slice out."""
+    import warnings
+
+    import highdicom as hd
+    import pydicom
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    files = io.dicom_series_files(series)
+    if drop is not None:
+        del files[drop]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*intended person name.*")
+        image = LegacyConvertedEnhancedCTImage([pydicom.dcmread(f) for f in files], hd.UID(), 99, hd.UID(), 1)
+    folder.mkdir(parents=True)
+    image.save_as(folder / "enhanced.dcm")
+    return folder
+
+
+@pytest.fixture
+def enhanced_copy():
+    """The enhanced_dicom converter, for tests of multi-frame DICOM input."""
+    return enhanced_dicom
+
+
 @pytest.fixture
 def head_ct():
     """The synthetic_head_ct factory, for tests that write their own images."""

@@ -120,3 +120,65 @@ def test_mask_on_the_read_grid_maps_back_onto_each_acquired_slice(tmp_path, tilt
     clear[:, :3] = clear[:, -3:] = False
     assert clear.mean() > 0.6
     np.testing.assert_array_equal(frames[clear], expected[clear])
+
+
+# ----------------------------------------------------------------------------- enhanced multi-frame
+
+def test_enhanced_multiframe_image_reads_exactly_like_its_series(tmp_path, enhanced_copy):
+    linear_field_series(tmp_path / "s")
+    series = io.read_ct(tmp_path / "s")
+    notes = []
+    image = io.read_ct(enhanced_copy(tmp_path / "s", tmp_path / "mf"), notes)
+    assert image.GetSize() == series.GetSize() and notes == []
+    assert image.GetSpacing() == pytest.approx(series.GetSpacing())
+    assert image.GetOrigin() == pytest.approx(series.GetOrigin(), abs=1e-4)
+    assert image.GetDirection() == pytest.approx(series.GetDirection())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(series))
+
+
+@pytest.mark.parametrize("tilt_deg, drop, problem", [(15.0, None, "gantry tilt 15.0 deg"),
+                                                     (0.0, 4, "1 gap(s): missing slices?")])
+def test_enhanced_multiframe_image_is_placed_by_its_frame_positions(tmp_path, enhanced_copy, tilt_deg, drop, problem):
+    values = linear_field_series(tmp_path / "s", tilt_deg=tilt_deg)
+    folder = enhanced_copy(tmp_path / "s", tmp_path / "mf", drop=drop)
+    naive = sitk.ReadImage(str(folder / "enhanced.dcm"), sitk.sitkFloat32)
+    assert field_error(naive) > 30  # GDCM stacks the frames at one step, unsheared
+    notes = []
+    image = io.read_ct(folder, notes)
+    assert field_error(image) < 0.55  # stored whole HU: rounding only
+    assert len(notes) == 1 and notes[0].startswith("enhanced DICOM frames resampled") and problem in notes[0]
+    if drop is not None:  # the gap is interpolated on the true 5 mm grid
+        assert image.GetSpacing() == pytest.approx((1.0, 1.0, 5.0))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(image), values, atol=0.51)
+
+
+def test_enhanced_frames_with_different_rescales_are_refused(tmp_path, enhanced_copy):
+    import copy
+
+    import pydicom
+
+    linear_field_series(tmp_path / "s", size=(16, 16, 6))
+    path = enhanced_copy(tmp_path / "s", tmp_path / "mf") / "enhanced.dcm"
+    ds = pydicom.dcmread(path)
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item = copy.deepcopy(ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0])
+        item.RescaleIntercept = str(-1024 + k)
+        frame.PixelValueTransformationSequence = pydicom.Sequence([item])
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"mf: enhanced DICOM frame geometry: frames use 6 different rescale"):
+        io.read_ct(tmp_path / "mf")
+
+
+def test_mask_maps_back_onto_each_enhanced_frame(tmp_path, enhanced_copy):
+    import pydicom
+
+    linear_field_series(tmp_path / "s")
+    folder = enhanced_copy(tmp_path / "s", tmp_path / "mf")
+    image = io.read_ct(folder)
+    mask = sitk.Cast(image > 180.0, sitk.sitkUInt8)
+    source = pydicom.dcmread(folder / "enhanced.dcm")
+    frames = sample_on_slices(mask, SliceStack.from_datasets([source]))
+    stored = source.pixel_array.astype(float) * float(source.SharedFunctionalGroupsSequence[0]
+                                                      .PixelValueTransformationSequence[0].RescaleSlope) - 1024.0
+    assert frames.shape == stored.shape and frames.sum() > 0
+    np.testing.assert_array_equal(frames, stored > 180.0)  # frame k = the k-th stored frame, whatever its order

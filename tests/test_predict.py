@@ -152,6 +152,29 @@ def test_dicom_seg_references_the_source_and_holds_the_mask(tmp_path):
     assert expected.sum() > 0 and np.array_equal(pixels, expected)  # frame k = the k-th slice GDCM sorts
 
 
+def test_dicom_seg_of_an_enhanced_multiframe_source_references_its_frames(tmp_path, enhanced_copy):
+    import highdicom as hd
+    import pydicom
+
+    from common.inference.dicom_seg import write_dicom_seg
+
+    io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 5.0)), tmp_path / "series", "P003")
+    folder = enhanced_copy(tmp_path / "series", tmp_path / "enhanced_case")
+    source = io.read_ct(folder)
+    hu = sitk.GetArrayFromImage(source)
+    mask = sitk.GetImageFromArray(((hu > 50) & (hu < 100)).astype(np.uint8))
+    mask.CopyInformation(source)
+    seg = hd.seg.segread(write_dicom_seg(folder, mask, tmp_path / "mask.seg.dcm", "test-1"))
+    enhanced = pydicom.dcmread(folder / "enhanced.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == enhanced.SeriesInstanceUID
+    frames = list(range(1, enhanced.NumberOfFrames + 1))
+    pixels = seg.get_pixels_by_source_frame(source_sop_instance_uid=enhanced.SOPInstanceUID,
+                                            source_frame_numbers=frames, segment_numbers=[1],
+                                            assert_missing_frames_are_empty=True)[..., 0]
+    stored = enhanced.pixel_array.astype(float) - 1024.0  # the series' rescale: slope 1, intercept -1024
+    assert pixels.sum() > 0 and np.array_equal(pixels, (stored > 50) & (stored < 100))  # per stored frame
+
+
 def test_volume_ml_of_a_known_phantom():
     array = np.zeros((8, 20, 20), np.uint8)
     array[2:6, 5:15, 5:15] = 1  # 400 voxels

@@ -55,12 +55,46 @@ class SliceStack:
 
     @classmethod
     def from_datasets(cls, datasets) -> "SliceStack":
-        """The stack of pydicom datasets (file order kept)."""
-        orientation = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
-        row_spacing, column_spacing = (float(v) for v in datasets[0].PixelSpacing)  # DICOM: (between rows, columns)
-        return cls(np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets]),
+        """The stack of pydicom datasets (file order kept): single-frame images, or one
+        enhanced multi-frame image (frame order kept)."""
+        if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
+            return cls.from_multiframe(datasets[0])
+        first = datasets[0]
+        return cls._build([ds.ImagePositionPatient for ds in datasets], first.ImageOrientationPatient,
+                          first.PixelSpacing, first.Rows, first.Columns)
+
+    @classmethod
+    def from_multiframe(cls, ds) -> "SliceStack":
+        """The frames of an enhanced multi-frame image (Enhanced / Legacy Converted Enhanced CT):
+        positions per frame, orientation and pixel spacing per frame or shared by all frames."""
+        frames = list(getattr(ds, "PerFrameFunctionalGroupsSequence", []))
+        if not frames:
+            raise ValueError("multi-frame image without per-frame functional groups")
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+
+        def per_frame(name: str, attribute: str) -> list:
+            values = []
+            for k, frame in enumerate(frames):
+                group = frame if name in frame else shared if shared is not None and name in shared else None
+                if group is None:
+                    raise ValueError(f"frame {k + 1} has no {name}")
+                values.append([float(v) for v in getattr(group[name][0], attribute)])
+            return values
+
+        orientations = per_frame("PlaneOrientationSequence", "ImageOrientationPatient")
+        spacings = per_frame("PixelMeasuresSequence", "PixelSpacing")
+        if not np.allclose(orientations, orientations[0], atol=1e-4) or not np.allclose(spacings, spacings[0]):
+            raise ValueError("frames differ in orientation or pixel spacing (not one volume)")
+        return cls._build(per_frame("PlanePositionSequence", "ImagePositionPatient"), orientations[0],
+                          spacings[0], ds.Rows, ds.Columns)
+
+    @classmethod
+    def _build(cls, positions, orientation, pixel_spacing, rows, columns) -> "SliceStack":
+        orientation = np.array([float(v) for v in orientation])
+        row_spacing, column_spacing = (float(v) for v in pixel_spacing)  # DICOM: (between rows, columns)
+        return cls(np.array([[float(v) for v in p] for p in positions]),
                    orientation[:3] / np.linalg.norm(orientation[:3]), orientation[3:] / np.linalg.norm(orientation[3:]),
-                   (column_spacing, row_spacing), (int(datasets[0].Rows), int(datasets[0].Columns)))
+                   (column_spacing, row_spacing), (int(rows), int(columns)))
 
     @property
     def normal(self) -> np.ndarray:

@@ -25,6 +25,7 @@ TAG_MODALITY = "0008|0060"
 TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
 TAG_SERIES_DESCRIPTION = "0008|103e"
+TAG_NUMBER_OF_FRAMES = "0028|0008"
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_MAGIC = b"n+1\0"  # at byte 344 (single-file NIfTI-1; "ni1" pairs keep voxels in the .img)
@@ -33,7 +34,8 @@ NIFTI2_HEADER_BYTES = 540
 
 
 def dicom_series_files(folder: Path) -> list[str]:
-    """The files of the folder's one DICOM series, in GDCM's position order (the volume's z order)."""
+    """The files of the folder's one DICOM series, in GDCM's position order (the volume's z order):
+    single-frame images, or one enhanced multi-frame image holding every slice."""
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     try:
@@ -46,9 +48,20 @@ def dicom_series_files(folder: Path) -> list[str]:
         listing = "; ".join(_describe_series(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series)
         raise DataError(folder, f"folder holds {len(series)} DICOM series ({listing}); put one series per case folder")
     files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    if len(files) < 2:
+    if len(files) < 2 and not (files and _frame_count(files[0]) > 1):
         raise DataError(folder, f"DICOM series has {len(files)} slice(s); a head CT volume needs several")
     return files
+
+
+def _frame_count(file: str) -> int:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+        return int(reader.GetMetaData(TAG_NUMBER_OF_FRAMES)) if reader.HasMetaDataKey(TAG_NUMBER_OF_FRAMES) else 1
+    except (RuntimeError, ValueError):
+        return 1
 
 
 def _describe_series(files) -> str:
@@ -67,12 +80,15 @@ def _describe_series(files) -> str:
 
 def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Image:
     """A DICOM series folder as one HU volume; slices ordered by position (GDCM), rescale applied.
+    The folder holds single-frame images or one enhanced multi-frame image.
 
     A gantry-tilted or unevenly spaced series is rebuilt on a regular grid (`dicom_geometry`)
     and what was done is appended to `notes`.
     """
     folder = Path(folder)
     files = dicom_series_files(folder)
+    if len(files) == 1:
+        return _read_multiframe(files[0], folder, notes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -81,9 +97,7 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
         image = reader.Execute()
     except RuntimeError as err:
         raise DataError(folder, f"cannot read DICOM series: {_first_line(err)}") from err
-    modality = reader.GetMetaData(0, TAG_MODALITY).strip() if reader.HasMetaDataKey(0, TAG_MODALITY) else ""
-    if modality != "CT":
-        raise DataError(folder, f"DICOM modality is {modality or 'missing'!r}, expected 'CT'")
+    _require_ct(reader.GetMetaData(0, TAG_MODALITY) if reader.HasMetaDataKey(0, TAG_MODALITY) else "", folder)
     try:
         stack = SliceStack.from_reader(reader, image)
         problem = irregularity(stack) if stack is not None else None
@@ -91,9 +105,60 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
         raise DataError(folder, f"DICOM slice geometry: {err}") from err
     if problem:
         image = regularize(sitk.GetArrayFromImage(image), stack)
-        if notes is not None:
-            notes.append(f"DICOM series resampled to a regular {image.GetSpacing()[2]:.2f} mm grid: {problem}")
+        _note(notes, f"DICOM series resampled to a regular {image.GetSpacing()[2]:.2f} mm grid: {problem}")
     return image
+
+
+def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.Image:
+    """One enhanced multi-frame CT image (e.g. Enhanced or Legacy Converted Enhanced CT) as a
+    volume. GDCM reads its pixels and rescale, but stacks the frames in file order at one step,
+    so a tilted, gapped or unordered acquisition would come out misplaced; the volume is always
+    rebuilt from each frame's own position (exact for a regular stack)."""
+    import pydicom
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise DataError(folder, f"cannot read enhanced DICOM image: {_first_line(err)}") from err
+    _require_ct(reader.GetMetaData(TAG_MODALITY) if reader.HasMetaDataKey(TAG_MODALITY) else "", folder)
+    try:
+        header = pydicom.dcmread(file, stop_before_pixels=True)
+        stack = SliceStack.from_multiframe(header)
+        _require_one_rescale(header)
+        problem = irregularity(stack)
+    except (ValueError, AttributeError, KeyError, IndexError, TypeError) as err:
+        raise DataError(folder, f"enhanced DICOM frame geometry: {err}") from err
+    if len(stack.positions) != image.GetDepth():
+        raise DataError(folder, f"enhanced DICOM image has {image.GetDepth()} frames of pixels but "
+                                f"{len(stack.positions)} frame positions")
+    volume = regularize(sitk.GetArrayFromImage(image), stack)
+    if problem:
+        _note(notes, f"enhanced DICOM frames resampled to a regular {volume.GetSpacing()[2]:.2f} mm grid: {problem}")
+    return volume
+
+
+def _require_one_rescale(header) -> None:
+    """GDCM applies one rescale to every frame; refuse frames that declare different ones."""
+    pairs = set()
+    for frame in getattr(header, "PerFrameFunctionalGroupsSequence", []):
+        if "PixelValueTransformationSequence" in frame:
+            item = frame.PixelValueTransformationSequence[0]
+            pairs.add((float(item.RescaleSlope), float(item.RescaleIntercept)))
+    if len(pairs) > 1:
+        raise ValueError(f"frames use {len(pairs)} different rescale slopes/intercepts (not supported)")
+
+
+def _require_ct(modality: str, folder: Path) -> None:
+    if modality.strip() != "CT":
+        raise DataError(folder, f"DICOM modality is {modality.strip() or 'missing'!r}, expected 'CT'")
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    if notes is not None:
+        notes.append(text)
 
 
 def read_ct(path: Path, notes: list[str] | None = None) -> sitk.Image:
