@@ -17,7 +17,8 @@ import numpy as np
 from common.config import load_profile
 from common.data.contract import Case, read_center
 from common.data.dataset import SampleCache, split_by_center, with_masks
-from common.errors import ConfigError
+from common.data.io import slice_spacing_mm
+from common.errors import ConfigError, HemexError
 from common.federation.settings import POOLED, FederationSettings
 from common.training.classification import ClassifierSettings, build_roi_dataset, stratified_split
 from common.training.settings import SegmentationSettings
@@ -88,9 +89,19 @@ class Site:
         return (dataset.reference_markers or dataset.markers) or None
 
     def info(self) -> dict:
+        """Counts and the range of slice spacings: acquisition metadata, no patient data. The
+        training sites' range goes into the model bundle, so `hemex predict` can warn about
+        scans unlike any it was trained on."""
         he = [c.he for c in self.cases]
+        spacings = []
+        for case in self.cases:
+            try:
+                spacings.append(slice_spacing_mm(case.image_path))
+            except HemexError:  # unreadable here: training reports it with the reason
+                continue
         return {"num-cases": len(self.cases), "num-he": sum(1 for h in he if h == 1),
-                "num-nhe": sum(1 for h in he if h == 0), "num-masks": sum(1 for c in self.cases if c.mask_path)}
+                "num-nhe": sum(1 for h in he if h == 0), "num-masks": sum(1 for c in self.cases if c.mask_path),
+                "slice-mm-min": min(spacings, default=float("nan")), "slice-mm-max": max(spacings, default=float("nan"))}
 
 
 def _or_reference(mask_provider):

@@ -4,6 +4,7 @@ centres, then evaluate the final weights on every centre (held-out ones included
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from common import __version__
 from common.config import load_profile
 from common.errors import ConfigError
 from common.federation import binned
-from common.inference.bundle import write_manifest
+from common.inference.bundle import preprocessing_from_profile, write_manifest
 from common.federation.records import to_record
 from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
@@ -202,7 +203,8 @@ class FederatedRun:
                                     "seg_rounds": self.settings.seg_rounds, "cls_rounds": self.settings.cls_rounds,
                                     "strategy": self.settings.strategy, "synthesis": self.settings.synthesis,
                                     "cases": {c: info.get("num-cases") for c, info in self.report["centers"].items()
-                                              if c in self.settings.train_centers}})
+                                              if c in self.settings.train_centers}},
+                           preprocessing=self.bundle_preprocessing())
         self.report["timing"]["total_seconds"] = time.time() - started
         self.report["versions"] = {"hemex": __version__, **package_versions()}
         write_json(self.out / "federation.json", self.report)
@@ -210,6 +212,17 @@ class FederatedRun:
                                               "profile": self.profile, "segmentation": self.seg.as_dict(),
                                               "classifier": self.cls.as_dict(), "architecture": arch})
         return self.report
+
+    def bundle_preprocessing(self) -> dict:
+        """The profile's preprocessing record, plus the training sites' slice-spacing range
+        (reported by their info replies) for `hemex predict`'s out-of-range warning."""
+        pre = preprocessing_from_profile(self.profile)
+        low = [self.report["centers"][c].get("slice-mm-min", float("nan")) for c in self.settings.train_centers]
+        high = [self.report["centers"][c].get("slice-mm-max", float("nan")) for c in self.settings.train_centers]
+        low, high = [v for v in low if math.isfinite(v)], [v for v in high if math.isfinite(v)]
+        if low and high:
+            pre["slice_thickness_mm"] = [round(min(low), 3), round(max(high), 3)]
+        return pre
 
     def classifier(self, seg_arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         """Train every classifier arm, fix each arm's operating point on the training centres'

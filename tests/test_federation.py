@@ -198,7 +198,8 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     weights = ArrayRecord(client_app.seg_model(Site("center1", tiny / "center1", settings)).state_dict())
     info = call_client(client_app.app, "query.info", RecordDict({"config": ConfigRecord({})}), 0, settings)
     assert info.content["info"]["center"] == "center1"
-    assert dict(info.content["metrics"]) == {"num-cases": 10, "num-he": 2, "num-nhe": 8, "num-masks": 10}
+    assert dict(info.content["metrics"]) == {"num-cases": 10, "num-he": 2, "num-nhe": 8, "num-masks": 10,
+                                             "slice-mm-min": 5.0, "slice-mm-max": 5.0}  # acquisition metadata only
     train = call_client(client_app.app, "train.seg",
                         RecordDict({"arrays": weights, "config": ConfigRecord({"server-round": 1})}), 0, settings)
     returned = train.content["arrays"].to_torch_state_dict()
@@ -429,7 +430,8 @@ def test_simulated_federation_is_leave_center_out_and_cleans_up(federation):
     assert alone["centralized"]["num-synthetic"] == 0 and alone["local-center1"]["num-synthetic"] > 0
     from common.inference.bundle import load_bundle
 
-    load_bundle(out / "model")  # the bundle `hemex predict` loads: every checksum verifies
+    bundle = load_bundle(out / "model")  # the bundle `hemex predict` loads: every checksum verifies
+    assert bundle.preprocessing["slice_thickness_mm"] == [5.0, 5.5]  # the training centres' slices (tiny cohort)
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["run_config"]["seed"] == 0
     assert flower_processes() == []
 

@@ -106,6 +106,20 @@ def test_empty_file_and_uncompressed_nifti_named_gz(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_ct(tmp_path / "converted.mha")), hu)
 
 
+def test_slice_spacing_from_headers_whatever_the_storage(tmp_path, enhanced_copy):
+    image, _ = known_volume()  # slices 5.2 mm apart
+    io.write_image(sitk.PermuteAxes(image, [2, 0, 1]), tmp_path / "permuted.nii.gz")  # slice axis stored first
+    assert io.slice_spacing_mm(tmp_path / "permuted.nii.gz") == pytest.approx(5.2)
+    io.write_image(sitk.DICOMOrient(image, "RAI"), tmp_path / "flipped.nrrd")
+    assert io.slice_spacing_mm(tmp_path / "flipped.nrrd") == pytest.approx(5.2)
+    io.write_dicom_series(image, tmp_path / "series", "P9")
+    assert io.slice_spacing_mm(tmp_path / "series") == pytest.approx(5.2, abs=1e-4)
+    gapped = enhanced_copy(tmp_path / "series", tmp_path / "enhanced", drop=3)  # GDCM alone reads 1 mm here
+    assert io.slice_spacing_mm(gapped) == pytest.approx(5.2, abs=1e-4)  # the median step, as read_ct rebuilds it
+    with pytest.raises(DataError, match="missing.nii.gz"):
+        io.slice_spacing_mm(tmp_path / "missing.nii.gz")
+
+
 def test_write_image_is_atomic(tmp_path, monkeypatch):
     image, _ = known_volume()
     target = tmp_path / "out.nii.gz"

@@ -182,6 +182,35 @@ def read_ct(path: Path, notes: list[str] | None = None) -> sitk.Image:
     return image
 
 
+def slice_spacing_mm(path: Path) -> float:
+    """Spacing between slices along the patient's head-foot axis, mm, from headers only (a
+    training range for `hemex predict` to compare new scans with; not for resampling). A DICOM
+    series reports its median slice step along the slice normal, as `read_ct` rebuilds it."""
+    path = Path(path)
+    if path.is_dir():
+        import pydicom
+
+        files = dicom_series_files(path)
+        try:
+            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            steps = np.diff(np.sort(SliceStack.from_datasets(headers).along_normal()))
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError) as err:
+            raise DataError(path, f"DICOM slice geometry: {err}") from err
+        if steps.size == 0:
+            raise DataError(path, "DICOM image has one slice")
+        return float(np.median(steps))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(path, f"cannot read image header: {_first_line(err)}") from err
+    if reader.GetDimension() < 3:
+        raise DataError(path, f"expected a 3D volume, got {reader.GetDimension()}D")
+    direction = np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)
+    return float(reader.GetSpacing()[int(np.argmax(np.abs(direction[2, :3])))])  # the axis closest to patient z
+
+
 def read_mask(path: Path) -> sitk.Image:
     """Hematoma mask as uint8 {0, 1} (nonzero = hematoma)."""
     path = Path(path)

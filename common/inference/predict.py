@@ -100,9 +100,9 @@ def scanned_region(original: Geometry, working: Geometry) -> np.ndarray:
 
 
 def _thickness_warning(image: sitk.Image, bundle: Bundle) -> str | None:
-    """A warning when the scan's slice spacing (third image axis) lies outside the bundle's
+    """A warning when the scan's slice spacing (head-foot axis) lies outside the bundle's
     preprocessing["slice_thickness_mm"] = [min, max]; bundles without that range get no check."""
-    thickness = float(image.GetSpacing()[2])
+    thickness = float(sitk.DICOMOrient(image, "LPS").GetSpacing()[2])  # the axis closest to patient z
     bounds = bundle.preprocessing.get("slice_thickness_mm")
     if bounds:
         low, high = float(bounds[0]), float(bounds[1])
