@@ -120,6 +120,34 @@ def test_slice_spacing_from_headers_whatever_the_storage(tmp_path, enhanced_copy
         io.slice_spacing_mm(tmp_path / "missing.nii.gz")
 
 
+def test_broken_or_stray_files_beside_a_series_are_left_out_with_a_note(tmp_path):
+    import pydicom
+
+    image, hu = known_volume()
+    io.write_dicom_series(image, tmp_path / "s", "P1")
+    files = io.dicom_series_files(tmp_path / "s")  # position order
+    data = open(files[3], "rb").read()
+    open(files[3], "wb").write(data[: len(data) // 2])  # an interrupted transfer, mid-volume
+    (tmp_path / "s" / "zero.dcm").write_bytes(b"")
+    (tmp_path / "s" / "README.txt").write_text("exported by PACS\n")  # not DICOM: not reported
+    localizer = pydicom.dcmread(files[0])  # a scout in the same series: another image size
+    localizer.Rows = localizer.Columns = 8
+    localizer.PixelData = np.zeros((8, 8), np.int16).tobytes()
+    localizer.SOPInstanceUID += ".9"
+    localizer.ImagePositionPatient = [0, 0, -300]
+    localizer.save_as(tmp_path / "s" / "scout.dcm")
+    notes = []
+    read = io.read_ct(tmp_path / "s", notes)
+    assert read.GetSize() == image.GetSize() and read.GetSpacing() == pytest.approx(image.GetSpacing())
+    array = sitk.GetArrayFromImage(read)
+    np.testing.assert_array_equal(np.delete(array, 3, axis=0), np.delete(hu, 3, axis=0))  # the rest, exact
+    np.testing.assert_allclose(array[3], (hu[2] + hu[4]) / 2)  # the lost slice, interpolated
+    left_out = f"{files[3].split('/')[-1]}, scout.dcm, zero.dcm"
+    assert notes[0] == f"3 DICOM file(s) in the folder left out of the volume (unreadable, no pixel data or " \
+                       f"another image size): {left_out}"
+    assert "1 gap(s): missing slices?" in notes[1]
+
+
 def test_write_image_is_atomic(tmp_path, monkeypatch):
     image, _ = known_volume()
     target = tmp_path / "out.nii.gz"

@@ -89,14 +89,26 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
     files = dicom_series_files(folder)
     if len(files) == 1:
         return _read_multiframe(files[0], folder, notes)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies slope/intercept; float keeps fractional HU
     try:
-        image = reader.Execute()
+        reader, image = _read_slices(files)
     except RuntimeError as err:
-        raise DataError(folder, f"cannot read DICOM series: {_first_line(err)}") from err
+        # A localizer or a stray slice of another size in the series: keep the largest group of
+        # one image size (as dcm2niix splits such series), or fail with ITK's reason.
+        groups: dict[tuple, list[str]] = {}
+        for file in files:
+            groups.setdefault(_image_size(file), []).append(file)
+        kept = max(groups.values(), key=len)
+        if len(groups) < 2 or len(kept) < 2:
+            raise DataError(folder, f"cannot read DICOM series: {_first_line(err)}") from err
+        try:
+            reader, image = _read_slices(kept)
+        except RuntimeError as err2:
+            raise DataError(folder, f"cannot read DICOM series: {_first_line(err2)}") from err2
+        files = kept
+    left_out = _left_out_files(folder, files)
+    if left_out:
+        _note(notes, f"{len(left_out)} DICOM file(s) in the folder left out of the volume (unreadable, no pixel data "
+                     f"or another image size): {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}")
     _require_ct(reader.GetMetaData(0, TAG_MODALITY) if reader.HasMetaDataKey(0, TAG_MODALITY) else "", folder)
     try:
         stack = SliceStack.from_reader(reader, image)
@@ -107,6 +119,44 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
         image = regularize(sitk.GetArrayFromImage(image), stack)
         _note(notes, f"DICOM series resampled to a regular {image.GetSpacing()[2]:.2f} mm grid: {problem}")
     return image
+
+
+def _read_slices(files: list[str]) -> tuple[sitk.ImageSeriesReader, sitk.Image]:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies slope/intercept; float keeps fractional HU
+    return reader, reader.Execute()
+
+
+def _image_size(file: str) -> tuple:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ("unreadable",)
+    return tuple(reader.GetSize()[:2])
+
+
+def _left_out_files(folder: Path, used: list[str]) -> list[str]:
+    """Names of files beside the series that look like DICOM (a .dcm / .ima name or the DICM
+    preamble) but are not in the volume: a truncated transfer, an image without pixels, a stray
+    slice. GDCM skips them silently; an end slice lost that way shortens the scan unnoticed."""
+    used_paths = {os.path.realpath(f) for f in used}
+    out = []
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR" \
+                or os.path.realpath(path) in used_paths:
+            continue
+        if path.suffix.lower() in (".dcm", ".ima"):
+            out.append(path.name)
+            continue
+        with open(path, "rb") as handle:
+            if handle.read(132)[128:] == b"DICM":
+                out.append(path.name)
+    return out
 
 
 def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.Image:
