@@ -53,28 +53,30 @@ def dicom_series_files(folder: Path) -> list[str]:
     return files
 
 
-def _frame_count(file: str) -> int:
+def _header(file: str) -> sitk.ImageFileReader | None:
+    """A reader holding the file's header (size, geometry, public tags), or None if unreadable."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.LoadPrivateTagsOff()
     try:
         reader.ReadImageInformation()
-        return int(reader.GetMetaData(TAG_NUMBER_OF_FRAMES)) if reader.HasMetaDataKey(TAG_NUMBER_OF_FRAMES) else 1
-    except (RuntimeError, ValueError):
-        return 1
+    except RuntimeError:
+        return None
+    return reader
+
+
+def _tag(reader: sitk.ImageFileReader | None, tag: str) -> str:
+    return reader.GetMetaData(tag).strip() if reader is not None and reader.HasMetaDataKey(tag) else ""
+
+
+def _frame_count(file: str) -> int:
+    frames = _tag(_header(file), TAG_NUMBER_OF_FRAMES)
+    return int(frames) if frames.isdigit() else 1
 
 
 def _describe_series(files) -> str:
     """'HEAD 5mm' (30 images): how a PACS viewer would name a series, to pick the right one."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(files[0])
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-        description = reader.GetMetaData(TAG_SERIES_DESCRIPTION).strip() if reader.HasMetaDataKey(
-            TAG_SERIES_DESCRIPTION) else ""
-    except RuntimeError:
-        description = ""
+    description = _tag(_header(files[0]), TAG_SERIES_DESCRIPTION)
     return f"{description or 'no description'!r}: {len(files)} image(s)"
 
 
@@ -130,14 +132,8 @@ def _read_slices(files: list[str]) -> tuple[sitk.ImageSeriesReader, sitk.Image]:
 
 
 def _image_size(file: str) -> tuple:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return ("unreadable",)
-    return tuple(reader.GetSize()[:2])
+    header = _header(file)
+    return ("unreadable",) if header is None else tuple(header.GetSize()[:2])
 
 
 def _left_out_files(folder: Path, used: list[str]) -> list[str]:
