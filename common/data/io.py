@@ -149,9 +149,12 @@ def _left_out_files(folder: Path, used: list[str]) -> list[str]:
         if path.suffix.lower() in (".dcm", ".ima"):
             out.append(path.name)
             continue
-        with open(path, "rb") as handle:
-            if handle.read(132)[128:] == b"DICM":
-                out.append(path.name)
+        try:
+            with open(path, "rb") as handle:
+                if handle.read(132)[128:] == b"DICM":
+                    out.append(path.name)
+        except OSError:  # unreadable here: it cannot be in the volume either
+            out.append(path.name)
     return out
 
 
