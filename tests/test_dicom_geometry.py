@@ -152,20 +152,34 @@ def test_enhanced_multiframe_image_is_placed_by_its_frame_positions(tmp_path, en
         np.testing.assert_allclose(sitk.GetArrayFromImage(image), values, atol=0.51)
 
 
-def test_enhanced_frames_with_different_rescales_are_refused(tmp_path, enhanced_copy):
+def test_enhanced_frames_with_their_own_rescales_read_in_hu(tmp_path, enhanced_copy):
     import copy
 
     import pydicom
 
-    linear_field_series(tmp_path / "s", size=(16, 16, 6))
+    values = linear_field_series(tmp_path / "s", size=(16, 16, 6))
     path = enhanced_copy(tmp_path / "s", tmp_path / "mf") / "enhanced.dcm"
     ds = pydicom.dcmread(path)
-    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        item = copy.deepcopy(ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0])
-        item.RescaleIntercept = str(-1024 + k)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    ascending = float(ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient[2]) < \
+        float(ds.PerFrameFunctionalGroupsSequence[-1].PlanePositionSequence[0].ImagePositionPatient[2])
+    stored = ds.pixel_array.astype(np.int32) + 1024  # stored = HU + 1024 at the series' intercept
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):  # per frame: slope 0.5 or 1, intercepts vary
+        item = copy.deepcopy(shared.PixelValueTransformationSequence[0])
+        item.RescaleSlope, item.RescaleIntercept = ("0.5", str(-1024 - 7 * k)) if k % 2 else ("1", str(-1024 + 9 * k))
         frame.PixelValueTransformationSequence = pydicom.Sequence([item])
+        hu = values[k if ascending else len(values) - 1 - k]  # the frame's true HU (rounded when stored)
+        raw = (np.round(hu) - float(item.RescaleIntercept)) / float(item.RescaleSlope)
+        stored[k] = np.round(raw)
+    del shared.PixelValueTransformationSequence
+    ds.PixelData = stored.astype(np.uint16).tobytes()
     ds.save_as(path)
-    with pytest.raises(DataError, match=r"mf: enhanced DICOM frame geometry: frames use 6 different rescale"):
+    image = io.read_ct(tmp_path / "mf")
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), values, atol=1.01)  # slope 0.5 stores 2 HU steps
+    bad = pydicom.dcmread(path)
+    bad.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence[0].RescaleSlope = "0"
+    bad.save_as(path)
+    with pytest.raises(DataError, match=r"mf: enhanced DICOM frame geometry: a frame's rescale slope is 0"):
         io.read_ct(tmp_path / "mf")
 
 

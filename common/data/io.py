@@ -176,28 +176,38 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True)
         stack = SliceStack.from_multiframe(header)
-        _require_one_rescale(header)
+        rescales = _frame_rescales(header)
         problem = irregularity(stack)
     except (ValueError, AttributeError, KeyError, IndexError, TypeError) as err:
         raise DataError(folder, f"enhanced DICOM frame geometry: {err}") from err
     if len(stack.positions) != image.GetDepth():
         raise DataError(folder, f"enhanced DICOM image has {image.GetDepth()} frames of pixels but "
                                 f"{len(stack.positions)} frame positions")
-    volume = regularize(sitk.GetArrayFromImage(image), stack)
+    frames = sitk.GetArrayFromImage(image)
+    if rescales is not None and len(set(rescales)) > 1:
+        # GDCM rescales every frame with the first frame's slope and intercept (SimpleITK 2.5,
+        # checked by tests/test_dicom_geometry.py); undo that and apply each frame's own.
+        (slope0, intercept0) = rescales[0]
+        for k, (slope, intercept) in enumerate(rescales):
+            frames[k] = (frames[k] - intercept0) / slope0 * slope + intercept
+    volume = regularize(frames, stack)
     if problem:
         _note(notes, f"enhanced DICOM frames resampled to a regular {volume.GetSpacing()[2]:.2f} mm grid: {problem}")
     return volume
 
 
-def _require_one_rescale(header) -> None:
-    """GDCM applies one rescale to every frame; refuse frames that declare different ones."""
-    pairs = set()
-    for frame in getattr(header, "PerFrameFunctionalGroupsSequence", []):
-        if "PixelValueTransformationSequence" in frame:
-            item = frame.PixelValueTransformationSequence[0]
-            pairs.add((float(item.RescaleSlope), float(item.RescaleIntercept)))
-    if len(pairs) > 1:
-        raise ValueError(f"frames use {len(pairs)} different rescale slopes/intercepts (not supported)")
+def _frame_rescales(header) -> list[tuple[float, float]] | None:
+    """(slope, intercept) of every frame when the rescale is given per frame, else None."""
+    items = [frame.PixelValueTransformationSequence[0] if "PixelValueTransformationSequence" in frame else None
+             for frame in getattr(header, "PerFrameFunctionalGroupsSequence", [])]
+    if not items or all(item is None for item in items):
+        return None
+    if any(item is None for item in items):
+        raise ValueError("some frames give a rescale slope/intercept and others none")
+    rescales = [(float(item.RescaleSlope), float(item.RescaleIntercept)) for item in items]
+    if any(slope == 0 for slope, _ in rescales):
+        raise ValueError("a frame's rescale slope is 0")
+    return rescales
 
 
 def _require_ct(modality: str, folder: Path) -> None:
