@@ -92,6 +92,23 @@ def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, name):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncated_metaimage_is_named_as_such(tmp_path, compress):
+    image, hu = known_volume()
+    path = tmp_path / "ct.mha"
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_ct(path)), hu)  # complete: read as written
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(DataError, match=r"ct.mha: file is truncated: \d+ bytes of voxel data where its header "
+                                        r"needs \d+"):  # ITK alone: "No such file or directory"
+        io.read_ct(path)
+    sitk.WriteImage(image, str(tmp_path / "pair.mhd"))  # header + separate data file
+    (tmp_path / "pair.raw").unlink()
+    with pytest.raises(DataError, match=r"pair.mhd: voxel data file 'pair.raw' \(ElementDataFile\) not found"):
+        io.read_ct(tmp_path / "pair.mhd")
+
+
 def test_empty_file_and_uncompressed_nifti_named_gz(tmp_path):
     (tmp_path / "empty.nii.gz").write_bytes(b"")
     with pytest.raises(DataError, match=r"empty.nii.gz: file is empty \(0 bytes\)"):

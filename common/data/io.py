@@ -301,6 +301,8 @@ def _read_file(path: Path) -> sitk.Image:
     try:
         reader.ReadImageInformation()
         problem = _nifti_payload_problem(path, reader)
+        if problem is None and path.name.lower().endswith((".mha", ".mhd")):
+            problem = _metaimage_payload_problem(path, reader)
         if problem:
             raise DataError(path, problem)
         return reader.Execute()
@@ -339,6 +341,41 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
     expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
     if present < expected:
         return f"file is truncated: {present} bytes where its header needs {expected}"
+    return None
+
+
+def _metaimage_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | None:
+    """Why a MetaImage (.mha, or .mhd with its data file) holds fewer voxel bytes than its header
+    promises (None if complete or not checkable). ITK refuses such a file, but says "No such file
+    or directory" about a file that is there."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    fields, offset = {}, 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        key, _, value = line.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    else:
+        return None
+    name = fields["ElementDataFile"]
+    if name == "LOCAL":
+        data, start = path, offset
+    elif name.upper() == "LIST" or "%" in name:  # one file per slice: ITK's own errors name them
+        return None
+    else:
+        data, start = path.parent / name, 0
+        if not data.is_file():
+            return f"voxel data file {name!r} (ElementDataFile) not found beside the header"
+    present = data.stat().st_size - start
+    if fields.get("CompressedData", "").lower() == "true":
+        expected = int(fields.get("CompressedDataSize", "0") or 0)  # absent: not checkable
+    else:
+        itemsize = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID())).itemsize
+        expected = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents() * itemsize
+    if expected and present < expected:
+        return f"file is truncated: {present} bytes of voxel data where its header needs {expected}"
     return None
 
 
