@@ -273,7 +273,7 @@ def test_several_masks(cohort):
     ("A/images/a1.nii.gz", "A/images/zz.nii.gz", "orphan image: no row for case 'zz'"),
     ("B/images/b2", "B/images/b3", "orphan image: no row for case 'b3'"),
     ("A/masks/a1.nii.gz", "A/masks/zz.nii", "orphan mask: no row for case 'zz'"),
-    ("A/images/a1.nii.gz", "A/images/a1.mhd", "unsupported image entry"),
+    ("A/images/a1.nii.gz", "A/images/a1.img", "unsupported image entry"),  # Analyze 7.5: not read
     ("A/images/a1.nii.gz", "A/images/a1.nii.gz.bak", "unsupported image entry"),
     ("B/images/b2", "A/masks/a1", "unsupported mask entry"),
 ])
@@ -304,16 +304,23 @@ def test_bad_image_content(cohort, head_ct, write, phrase):
 
 
 def test_nrrd_and_metaimage_cases_are_valid(cohort):
-    # 3D Slicer's NRRD and ITK's MetaImage carry the geometry just as NIfTI does.
-    for case, suffix in (("a1", ".nrrd"), ("a2", ".mha")):
+    # 3D Slicer's NRRD and ITK's MetaImage (one .mha, or an .mhd header with its .raw / .zraw data
+    # file) carry the geometry just as NIfTI does.
+    for case, suffix, compress in (("a1", ".nrrd", True), ("a2", ".mha", True), ("a3", ".mhd", True)):
         old = next((cohort / "A/images").glob(f"{case}.nii*"))
-        sitk.WriteImage(sitk.ReadImage(str(old)), str(cohort / f"A/images/{case}{suffix}"))
+        sitk.WriteImage(sitk.ReadImage(str(old)), str(cohort / f"A/images/{case}{suffix}"), useCompression=compress)
         old.unlink()
     sitk.WriteImage(sitk.ReadImage(str(cohort / "A/masks/a1.nii.gz")), str(cohort / "A/masks/a1.nrrd"))
     (cohort / "A/masks/a1.nii.gz").unlink()
+    sitk.WriteImage(sitk.ReadImage(str(cohort / "A/masks/a2.nii.gz")), str(cohort / "A/masks/a2.mhd"))
+    (cohort / "A/masks/a2.nii.gz").unlink()
+    assert (cohort / "A/images/a3.zraw").is_file() and (cohort / "A/masks/a2.raw").is_file()
     problems, summaries = check_data_root(cohort)
     assert problems == [], [str(p) for p in problems]
-    assert summaries[0].storage == ("mha", "nii.gz", "nrrd")
+    assert summaries[0].storage == ("mha", "mhd", "nrrd")
+    (cohort / "A/images/stray.raw").write_bytes(b"\0" * 8)  # no header points to it
+    problems, _ = check_data_root(cohort)
+    assert [(p.path, p.reason.split(" (")[0]) for p in problems] == [("A/images/stray.raw", "unsupported image entry")]
 
 
 def test_scan_of_a_trunk_is_a_problem(cohort, head_ct):

@@ -3,7 +3,8 @@
     DATA_ROOT/
       <center_id>/
         cases.csv                  header row; required columns: case_id, he
-        images/<case_id>.nii.gz    baseline NCCT in HU (or .nii, .nrrd, .mha, or <case_id>/ = DICOM series)
+        images/<case_id>.nii.gz    baseline NCCT in HU (or .nii, .nrrd, .mha, .mhd + its data file,
+                                   or <case_id>/ = DICOM series)
         masks/<case_id>.nii.gz     optional hematoma mask (nonzero = hematoma), same grid as the image
       truth.csv                    synthetic cohorts only; never read by training code
 
@@ -24,9 +25,9 @@ from common.errors import DataError
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 REQUIRED_COLUMNS = ("case_id", "he")
 OPTIONAL_NUMERIC_COLUMNS = ("onset_to_ct_h", "followup_volume_ml")
-# Single-file volumes SimpleITK reads with their geometry: NIfTI, NRRD (3D Slicer), MetaImage.
-# A folder named <case_id> is a DICOM series.
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+# Volumes SimpleITK reads with their geometry: NIfTI, NRRD (3D Slicer), MetaImage (.mha, or an
+# .mhd header beside the data file it names). A folder named <case_id> is a DICOM series.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 MASK_SUFFIXES = IMAGE_SUFFIXES
 ROOT_FILES = ("truth.csv", "cohort.json")  # files allowed at DATA_ROOT besides centre folders (synthetic cohorts)
 
@@ -43,7 +44,7 @@ class Case:
 
     @property
     def storage(self) -> str:
-        """Storage format of the image: 'nii.gz', 'nii', 'nrrd', 'mha' or 'dicom'."""
+        """Storage format of the image: 'nii.gz', 'nii', 'nrrd', 'mha', 'mhd' or 'dicom'."""
         return storage_format(self.image_path)
 
 

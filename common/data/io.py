@@ -344,10 +344,9 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
     return None
 
 
-def _metaimage_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | None:
-    """Why a MetaImage (.mha, or .mhd with its data file) holds fewer voxel bytes than its header
-    promises (None if complete or not checkable). ITK refuses such a file, but says "No such file
-    or directory" about a file that is there."""
+def metaimage_header(path: Path) -> tuple[dict[str, str], int] | None:
+    """A MetaImage header's fields up to ElementDataFile (the data file's name, or LOCAL) and the
+    header's length in bytes; None when the file has no ElementDataFile line."""
     with open(path, "rb") as handle:
         head = handle.read(1 << 16)
     fields, offset = {}, 0
@@ -356,9 +355,18 @@ def _metaimage_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str 
         key, _, value = line.decode("latin-1").partition("=")
         fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
-            break
-    else:
+            return fields, offset
+    return None
+
+
+def _metaimage_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | None:
+    """Why a MetaImage (.mha, or .mhd with its data file) holds fewer voxel bytes than its header
+    promises (None if complete or not checkable). ITK refuses such a file, but says "No such file
+    or directory" about a file that is there."""
+    header = metaimage_header(path)
+    if header is None:
         return None
+    fields, offset = header
     name = fields["ElementDataFile"]
     if name == "LOCAL":
         data, start = path, offset
