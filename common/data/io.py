@@ -172,7 +172,7 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
         image = reader.Execute()
     except RuntimeError as err:
         raise DataError(folder, f"cannot read enhanced DICOM image: {_first_line(err)}") from err
-    _require_ct(reader.GetMetaData(TAG_MODALITY) if reader.HasMetaDataKey(TAG_MODALITY) else "", folder)
+    _require_ct(_tag(reader, TAG_MODALITY), folder)
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True)
         stack = SliceStack.from_multiframe(header)
