@@ -379,6 +379,18 @@ def test_dicom_series_with_a_missing_slice(cohort):
     assert "slice spacing varies 3.00-6.00 mm (1 gap(s): missing slices?)" in problem.reason
 
 
+def test_a_case_folder_holding_a_whole_study_is_reported_with_the_series_read(cohort, head_ct):
+    # It loads (the axial soft-tissue series is chosen), but a training case should be one series.
+    image, _ = head_ct(spacing=(0.5, 0.5, 3.0), origin=(-6.0, -6.0, 10.0))
+    io.write_dicom_series(image, cohort / "B/images/b2-bone", "b2", series_description="BONE",
+                          extra_tags={"0028|1051": "2000"})
+    for path in (cohort / "B/images/b2-bone").iterdir():
+        path.rename(cohort / "B/images/b2" / f"bone-{path.name}")
+    (cohort / "B/images/b2-bone").rmdir()
+    problem = assert_only(cohort, "B/images/b2", "DICOM folder holds 2 series; read 'NCCT' (6 image(s), 3 mm)")
+    assert problem.reason.endswith("not read: 'BONE' (6 image(s), 3 mm): bone or lung reconstruction")
+
+
 # ----------------------------------------------------------------------------------------------
 # Mask content
 

@@ -60,17 +60,6 @@ def test_dicom_non_ct_modality_is_refused(tmp_path):
         io.read_ct(tmp_path / "mr")
 
 
-def test_two_series_in_one_folder_are_listed_by_description(tmp_path):
-    image, _ = known_volume()
-    io.write_dicom_series(image, tmp_path / "study", patient_id="p3", series_description="HEAD 5mm")
-    io.write_dicom_series(image[:, :, :3], tmp_path / "bone", patient_id="p3", series_description="BONE")
-    for path in (tmp_path / "bone").iterdir():
-        path.rename(tmp_path / "study" / f"bone-{path.name}")
-    with pytest.raises(DataError, match=r"study: folder holds 2 DICOM series \('BONE': 3 image\(s\); "
-                                        r"'HEAD 5mm': 7 image\(s\)\); put one series per case folder"):
-        io.read_ct(tmp_path / "study")
-
-
 def test_broken_file_gives_one_line_error_naming_it(tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b truncated")

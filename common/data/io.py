@@ -18,14 +18,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.dicom_geometry import SliceStack, irregularity, regularize
+from common.data.dicom_study import choose_series, find_series, header, tag
 from common.errors import DataError
 
 # DICOM tags (group|element) that hemex reads or writes.
 TAG_MODALITY = "0008|0060"
 TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
-TAG_SERIES_DESCRIPTION = "0008|103e"
-TAG_NUMBER_OF_FRAMES = "0028|0008"
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_MAGIC = b"n+1\0"  # at byte 344 (single-file NIfTI-1; "ni1" pairs keep voxels in the .img)
@@ -33,51 +32,26 @@ NIFTI2_MAGIC = b"n+2\0"  # at byte 4
 NIFTI2_HEADER_BYTES = 540
 
 
-def dicom_series_files(folder: Path) -> list[str]:
-    """The files of the folder's one DICOM series, in GDCM's position order (the volume's z order):
-    single-frame images, or one enhanced multi-frame image holding every slice."""
-    folder = Path(folder)
-    reader = sitk.ImageSeriesReader()
-    try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as err:
-        raise DataError(folder, f"cannot scan for DICOM series: {err}") from err
+def dicom_series_files(folder: Path, notes: list[str] | None = None) -> list[str]:
+    """The files of the folder's DICOM series to read, in GDCM's position order (the volume's z
+    order): single-frame images, or one enhanced multi-frame image holding every slice. A folder
+    (or its subfolders: a PACS or CD export) holding several series gets the axial NCCT series
+    chosen by `dicom_study.choose_series`, and a note naming it and the others."""
+    return _select_series(Path(folder), notes)[0]
+
+
+def _select_series(folder: Path, notes: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the chosen series' files, the files of the series not chosen: accounted for, not strays)."""
+    series = find_series(folder)
     if not series:
         raise DataError(folder, "no DICOM series found in folder")
-    if len(series) > 1:
-        listing = "; ".join(_describe_series(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series)
-        raise DataError(folder, f"folder holds {len(series)} DICOM series ({listing}); put one series per case folder")
-    files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    if len(files) < 2 and not (files and _frame_count(files[0]) > 1):
+    chosen, note = choose_series(folder, series)
+    if note:
+        _note(notes, note)
+    files = list(chosen.files)
+    if len(files) < 2 and chosen.n_images < 2:
         raise DataError(folder, f"DICOM series has {len(files)} slice(s); a head CT volume needs several")
-    return files
-
-
-def _header(file: str) -> sitk.ImageFileReader | None:
-    """A reader holding the file's header (size, geometry, public tags), or None if unreadable."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return reader
-
-
-def _tag(reader: sitk.ImageFileReader | None, tag: str) -> str:
-    return reader.GetMetaData(tag).strip() if reader is not None and reader.HasMetaDataKey(tag) else ""
-
-
-def _frame_count(file: str) -> int:
-    frames = _tag(_header(file), TAG_NUMBER_OF_FRAMES)
-    return int(frames) if frames.isdigit() else 1
-
-
-def _describe_series(files) -> str:
-    """'HEAD 5mm' (30 images): how a PACS viewer would name a series, to pick the right one."""
-    description = _tag(_header(files[0]), TAG_SERIES_DESCRIPTION)
-    return f"{description or 'no description'!r}: {len(files)} image(s)"
+    return files, [f for s in series if s is not chosen for f in s.files]
 
 
 def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Image:
@@ -88,7 +62,7 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
     and what was done is appended to `notes`.
     """
     folder = Path(folder)
-    files = dicom_series_files(folder)
+    files, other_series = _select_series(folder, notes)
     if len(files) == 1:
         return _read_multiframe(files[0], folder, notes)
     try:
@@ -107,7 +81,7 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
         except RuntimeError as err2:
             raise DataError(folder, f"cannot read DICOM series: {_first_line(err2)}") from err2
         files = kept
-    left_out = _left_out_files(folder, files)
+    left_out = _left_out_files(folder, files, other_series)
     if left_out:
         _note(notes, f"{len(left_out)} DICOM file(s) in the folder left out of the volume (unreadable, no pixel data "
                      f"or another image size): {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}")
@@ -132,29 +106,32 @@ def _read_slices(files: list[str]) -> tuple[sitk.ImageSeriesReader, sitk.Image]:
 
 
 def _image_size(file: str) -> tuple:
-    header = _header(file)
-    return ("unreadable",) if header is None else tuple(header.GetSize()[:2])
+    reader = header(file)
+    return ("unreadable",) if reader is None else tuple(reader.GetSize()[:2])
 
 
-def _left_out_files(folder: Path, used: list[str]) -> list[str]:
-    """Names of files beside the series that look like DICOM (a .dcm / .ima name or the DICM
-    preamble) but are not in the volume: a truncated transfer, an image without pixels, a stray
-    slice. GDCM skips them silently; an end slice lost that way shortens the scan unnoticed."""
-    used_paths = {os.path.realpath(f) for f in used}
+def _left_out_files(folder: Path, used: list[str], other_series: list[str] = ()) -> list[str]:
+    """Names (relative to `folder`) of files beside the series that look like DICOM (a .dcm / .ima
+    name or the DICM preamble) but are not in the volume: a truncated transfer, an image without
+    pixels, a stray slice. GDCM skips them silently; an end slice lost that way shortens the scan
+    unnoticed. Files of the folder's other series are accounted for by the series choice."""
+    used_paths = {os.path.realpath(f) for f in [*used, *other_series]}
     out = []
-    for path in sorted(Path(folder).iterdir()):
+    beside = sorted({Path(f).parent for f in used})
+    for path in sorted(p for directory in beside for p in directory.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR" \
                 or os.path.realpath(path) in used_paths:
             continue
+        name = os.path.relpath(path, folder)
         if path.suffix.lower() in (".dcm", ".ima"):
-            out.append(path.name)
+            out.append(name)
             continue
         try:
             with open(path, "rb") as handle:
                 if handle.read(132)[128:] == b"DICM":
-                    out.append(path.name)
+                    out.append(name)
         except OSError:  # unreadable here: it cannot be in the volume either
-            out.append(path.name)
+            out.append(name)
     return out
 
 
@@ -172,7 +149,7 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
         image = reader.Execute()
     except RuntimeError as err:
         raise DataError(folder, f"cannot read enhanced DICOM image: {_first_line(err)}") from err
-    _require_ct(_tag(reader, TAG_MODALITY), folder)
+    _require_ct(tag(reader, TAG_MODALITY), folder)
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True)
         stack = SliceStack.from_multiframe(header)
@@ -426,9 +403,11 @@ def write_dicom_series(image: sitk.Image, folder: Path, patient_id: str, series_
     stored_image = sitk.GetImageFromArray(stored)
     stored_image.CopyInformation(image)
     direction = image.GetDirection()
-    # UIDs derive from patient id and description, so the same phantom gives the same files.
+    # UIDs derive from patient id and description, so the same phantom gives the same files; one
+    # patient is one study (examination), whatever series it holds.
     key = f"{patient_id}/{series_description}"
-    study_uid, series_uid, frame_uid = (_uid(f"{key}/{part}") for part in ("study", "series", "frame"))
+    study_uid = _uid(f"{patient_id}/study")
+    series_uid, frame_uid = (_uid(f"{key}/{part}") for part in ("series", "frame"))
     acquired = "20250101"
     common_tags = {
         "0008|0060": "CT",

@@ -43,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.contract import IMAGE_SUFFIXES
+from common.data.dicom_study import count_studies
 from common.data.io import read_ct, write_image
 from common.data.plausibility import anatomy_problems, coverage_problems, hu_problems
 from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
@@ -250,11 +251,20 @@ def _is_dicom_series(folder: Path) -> bool:
     return bool(children) and not any(p.is_dir() or p.name.endswith(IMAGE_SUFFIXES) for p in children)
 
 
+def _is_one_study(folder: Path) -> bool:
+    """A folder without image files whose subfolders hold the DICOM series of one examination (a
+    PACS or CD export: PATIENT/STUDY/SERIES/...) is one case, not a folder of cases."""
+    children = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and p.name.endswith(IMAGE_SUFFIXES) for p in children):
+        return False
+    return count_studies(folder) == 1
+
+
 def find_cases(input_path: Path) -> list[Path]:
     input_path = Path(input_path)
     if not input_path.exists():
         raise DataError(input_path, "input not found")
-    if input_path.is_file() or _is_dicom_series(input_path):
+    if input_path.is_file() or _is_dicom_series(input_path) or _is_one_study(input_path):
         return [input_path]
     cases = sorted(p for p in input_path.iterdir() if not p.name.startswith(".")
                    and (p.is_dir() or p.name.endswith(IMAGE_SUFFIXES)))
