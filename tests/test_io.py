@@ -53,6 +53,39 @@ def test_dicom_round_trip_exact_hu_geometry_and_rescale(tmp_path):
     assert back.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-4)
 
 
+@pytest.mark.parametrize("compression", ["RLE", "JPEG2000", "JPEG"])
+def test_compressed_dicom_series_read_exactly(tmp_path, compression):
+    """PACS exports often compress losslessly: RLE (written with pydicom), JPEG 2000 and JPEG
+    lossless (written with GDCM) must give the same HU and geometry as the plain series."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    image, hu = known_volume(size=(20, 16, 5))
+    io.write_dicom_series(image, tmp_path / "plain", patient_id="p5")
+    (tmp_path / "packed").mkdir()
+    for file in (tmp_path / "plain").iterdir():
+        if compression == "RLE":
+            ds = pydicom.dcmread(file)
+            ds.compress(RLELossless)
+            ds.save_as(tmp_path / "packed" / file.name)
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        reader.SetOutputPixelType(sitk.sitkInt16)
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp_path / "packed" / file.name))
+        writer.KeepOriginalImageUIDOn()
+        writer.UseCompressionOn()
+        writer.SetCompressor(compression)
+        writer.Execute(reader.Execute())
+    syntax = pydicom.dcmread(next((tmp_path / "packed").iterdir()), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax.is_compressed
+    back = io.read_ct(tmp_path / "packed")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), hu)
+    assert back.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-4)
+    assert io.slice_spacing_mm(tmp_path / "packed") == pytest.approx(5.2, abs=1e-3)
+
+
 def test_dicom_non_ct_modality_is_refused(tmp_path):
     image, _ = known_volume()
     io.write_dicom_series(image, tmp_path / "mr", patient_id="p2", extra_tags={"0008|0060": "MR"})
