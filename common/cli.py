@@ -200,6 +200,8 @@ def cmd_simulate(args) -> int:
     from simulation.study import run_study
 
     console = Console(width=max(Console().width, 110))
+    if args.seeds:
+        return _simulate_seeds(args, console)
     settings, cohort = federation_settings(args, console)
     if args.leave_one_out:
         console.print(f"Leave-one-centre-out study over {', '.join(settings.centers)}: one federation per held-out "
@@ -208,6 +210,35 @@ def cmd_simulate(args) -> int:
         console.print(f"Study: train {', '.join(settings.train_centers)}; held out {', '.join(settings.test_centers)}; "
                       "arms: federated, no-synthesis, local-only per centre, centralized")
     run_study(settings, Path(args.out), leave_one_out=args.leave_one_out, cohort=cohort, console=console)
+    return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise HemexError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise HemexError(f"--seeds {text!r}: give at least two different seeds (one seed: --seed)")
+    return seeds
+
+
+def _simulate_seeds(args, console) -> int:
+    from simulation.seeds import print_seed_summary, seed_summary, write_seed_summary
+    from simulation.study import run_study
+
+    seeds, out = _seed_list(args.seeds), Path(args.out)
+    runs = {}
+    for index, seed in enumerate(seeds, start=1):
+        console.rule(f"seed {seed} ({index}/{len(seeds)})")
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out / f"seed-{seed}")})
+        settings, cohort = federation_settings(run_args, console)
+        runs[seed] = run_study(settings, Path(run_args.out), leave_one_out=args.leave_one_out, cohort=cohort,
+                               console=console)
+    summary = seed_summary(runs)
+    paths = write_seed_summary(summary, out)
+    print_seed_summary(summary, console)
+    console.print(f"Wrote {paths[0]} and {paths[1].name}; each seed's study in {out}/seed-<n>/")
     return 0
 
 
@@ -266,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     federation_arguments(p, "runs/simulate")
     p.add_argument("--leave-one-out", action="store_true",
                    help="one federation per centre, each centre held out in turn (all --train-centers)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: the study once per seed into OUT/seed-<n>/ (built-in cohort: a new "
+                        "cohort draw each), then seeds.json / seeds.md across seeds (replaces --seed)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("federate", help="simulate a federation on this machine: one virtual site per centre, "
