@@ -100,6 +100,11 @@ def write_seed_summary(summary: dict, out: Path) -> tuple[Path, Path]:
              "number of seeds where the federated arm was at least as good.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    gaps = [f"{arm} (seed {', '.join(map(str, slot['seeds_without_auc']))})"
+            for arm, slot in summary["arms"].items() if slot["seeds_without_auc"]]
+    if gaps:
+        lines += ["", "No pooled AUC (a held-out set without both classes, or an arm that returned none), left out of "
+                      "the means: " + "; ".join(gaps) + "."]
     md = out / "seeds.md"
     write_json(out / "seeds.json", summary)
     tmp = md.with_name(f".{md.name}.tmp")

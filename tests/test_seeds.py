@@ -44,6 +44,7 @@ def test_seed_summary_means_ratios_and_paired_differences(tmp_path):
     markdown = md_path.read_text(encoding="utf-8")
     assert "| federated | 0.720 | 0.660 | 0.800 | 0.727 ± 0.070 | 0.86 ± 0.08 | - | - |" in markdown
     assert "| local-center1 | 0.700 | - | 0.820 | 0.760 ± 0.085 | 0.87 ± 0.13 | +0.000 | 1/2 |" in markdown
+    assert "left out of the means: local-center1 (seed 1)." in markdown
     console = Console(record=True, width=200)
     print_seed_summary(summary, console)
     assert "pooled external AUC over 3 seeds" in console.export_text()
@@ -55,3 +56,25 @@ def test_seed_list_is_checked(text, message):
     with pytest.raises(HemexError, match=message):
         _seed_list(text)
     assert _seed_list("0, 2,5") == [0, 2, 5]
+
+
+def test_simulate_seeds_runs_one_study_per_seed_in_its_own_folder(tmp_path, monkeypatch):
+    import simulation.study
+    from common.cli import main
+
+    calls = []
+
+    def fake_study(settings, out, **kwargs):  # the federations themselves are tested in test_federation
+        calls.append((settings.seed, out, kwargs["leave_one_out"]))
+        return metrics(0.7 + settings.seed / 100, 0.7, 0.9, -0.01)
+
+    monkeypatch.setattr(simulation.study, "run_study", fake_study)
+    data = tmp_path / "data"
+    data.mkdir()
+    code = main(["simulate", "--data", str(data), "--train-centers", "a,b", "--test-centers", "c", "--seeds", "4,2",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0
+    assert calls == [(4, tmp_path / "run" / "seed-4", False), (2, tmp_path / "run" / "seed-2", False)]
+    summary = json.loads((tmp_path / "run" / "seeds.json").read_text(encoding="utf-8"))
+    assert summary["seeds"] == [2, 4] and summary["arms"]["federated"]["auc"] == {"2": 0.72, "4": 0.74}
+    assert (tmp_path / "run" / "seeds.md").is_file()
