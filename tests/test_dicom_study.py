@@ -115,7 +115,9 @@ def test_subfolders_deeper_than_an_export_are_not_searched(tmp_path):
 
 def test_predict_takes_one_export_as_one_case_and_a_folder_of_cases_as_cases(tmp_path):
     export(tmp_path / "one" / "export", "nested")
-    assert find_cases(tmp_path / "one" / "export") == [tmp_path / "one" / "export"]
+    study = tmp_path / "one" / "export" / "PAT0001" / "ST0001"  # five series folders of one examination
+    assert find_cases(study) == [study]
+    assert find_cases(tmp_path / "one" / "export") == [tmp_path / "one" / "export" / "PAT0001"]  # one case, named
     for patient in ("p1", "p2"):
         write(head()[0], tmp_path / "batch" / patient, "HEAD 5mm", patient=patient, study=f"2.25.{len(patient)}{patient[-1]}")
     assert find_cases(tmp_path / "batch") == [tmp_path / "batch" / "p1", tmp_path / "batch" / "p2"]

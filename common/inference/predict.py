@@ -253,11 +253,12 @@ def _is_dicom_series(folder: Path) -> bool:
 
 def _is_one_study(folder: Path) -> bool:
     """A folder without image files whose subfolders hold the DICOM series of one examination (a
-    PACS or CD export: PATIENT/STUDY/SERIES/...) is one case, not a folder of cases."""
+    PACS or CD export: STUDY/SERIES-1, SERIES-2, ...) is one case, not a folder of cases. A single
+    subfolder is a case either way (and keeps its own name)."""
     children = [p for p in folder.iterdir() if not p.name.startswith(".")]
     if any(p.is_file() and p.name.endswith(IMAGE_SUFFIXES) for p in children):
         return False
-    return count_studies(folder) == 1
+    return sum(p.is_dir() for p in children) >= 2 and count_studies(folder) == 1
 
 
 def find_cases(input_path: Path) -> list[Path]:
