@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.site import Site, site_from_context
-from common.data.preprocess import resample_sample
+from common.data.preprocess import load_case, resample_sample
 from common.federation import binned
 from common.federation.records import check_reply, from_record, load_global, norm_keys, to_record
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
@@ -34,6 +34,7 @@ from common.training.classification import Budget, build_roi_dataset, case_logit
 from common.training.classification import create_model as create_classifier_model
 from common.metrics.classification import Z95, delong_ci, delong_test
 from common.training.inference import mask_on_grid, segment
+from common.training.postprocess import refine_boundary
 from common.training.privacy import DPSettings, train_classifier_dp
 from common.training.segmentation import seed_everything, train_segmentation
 
@@ -109,9 +110,12 @@ def evaluate_seg(message: Message, context: Context) -> Message:
     receive_global(model, message.content["arrays"], context, "seg", site.settings.fedbn)
     metrics = {"num-examples": len(cases)}
     if cases:
+        # A held-out centre (every case) also scores the mask hemex delivers, on each scan's own grid.
+        by_key = {(c.center, c.case_id): c for c in cases}
+        native = (lambda s: load_case(by_key[(s.center, s.case_id)], spacing=None)) if split == "all" else None
         evaluation = evaluate_segmentation(model, site.cache.load(cases), site.seg.inference_roi,
                                            overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size,
-                                           satellite_mm=site.seg.satellite_mm)
+                                           satellite_mm=site.seg.satellite_mm, native=native)
         overall = evaluation["overall"]
         dice, volume = overall["dice"], overall["abs_vol_err_ml"]
         # The Dice distribution travels as its five-number summary, never as per-case values.
@@ -119,6 +123,9 @@ def evaluate_seg(message: Message, context: Context) -> Message:
                         "hd95-mm": _finite(overall["hd95_mm"]["median"]),
                         "abs-vol-err-ml": volume["median"], "vol-mae-ml": volume["mean"],
                         **{f"dice-{q}": dice[q] for q in ("min", "q25", "median", "q75", "max")}})
+        if "dice_native" in overall:
+            metrics.update({"dice-native": overall["dice_native"]["mean"],
+                            "vol-mae-native-ml": overall["abs_vol_err_native_ml"]["mean"]})
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 
 
@@ -262,7 +269,8 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
         pred, probabilities = segment(model, working.image, site.seg.inference_roi, spacing=working.spacing,
                                       satellite_mm=site.seg.satellite_mm, hu=working.hu, overlap=site.seg.sw_overlap,
                                       sw_batch_size=site.seg.sw_batch_size)
-        return sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, working.working, sample.working))
+        native = sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, working.working, sample.working))
+        return refine_boundary(native, sample.hu, sample.spacing)
 
     return provide
 

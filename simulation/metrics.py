@@ -85,6 +85,9 @@ def center_entry(cls: dict, seg: dict, oracle: dict | None) -> dict:
         "dice": _num(seg.get("dice")), "volume_mae_ml": _num(seg.get("vol-mae-ml")),
         "n_seg": int(seg.get("num-examples", 0)),
     }
+    if "dice-native" in seg:  # the delivered mask, on each scan's own grid (held-out centres)
+        entry["dice_native"] = _num(seg.get("dice-native"))
+        entry["volume_mae_native_ml"] = _num(seg.get("vol-mae-native-ml"))
     if oracle:
         entry["oracle_auc"] = oracle["auc"]
     if "vs-federated-diff" in cls:
@@ -108,7 +111,9 @@ def pooled_entry(centers: dict[str, dict], oracle: dict[str, dict]) -> dict:
         pairs = [(e[key], e[weight] if weight else e["n"] - e["n_he"]) for e in ok.values() if e.get(key) is not None]
         total = sum(w for _, w in pairs)
         pooled[key] = sum(v * w for v, w in pairs) / total if total else None
-    for key in ("dice", "volume_mae_ml"):
+    for key in ("dice", "volume_mae_ml", "dice_native", "volume_mae_native_ml"):
+        if not any(key in e for e in ok.values()):
+            continue
         pairs = [(e[key], e["n_seg"]) for e in ok.values() if e.get(key) is not None]
         total = sum(w for _, w in pairs)
         pooled[key] = sum(v * w for v, w in pairs) / total if total else None

@@ -168,7 +168,10 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
               + f". Wall time {elapsed_s / 60:.1f} min.", ""]
     cut_by_model = folds[0].get("settings", {}).get("cls-masks") == "segmentation"
     lines += ["Every classifier arm is scored on ROIs cut with the **same federated segmentation model** "
-              "(the segmentation stage is shared); arms differ only in how the HE classifier was trained. "
+              "(the segmentation stage is shared; its mask is mapped onto each scan's own pixels and its boundary "
+              "redrawn there, as `hemex predict` does); arms differ only in how the HE classifier was trained. "
+              "Segmentation columns: Dice and volume MAE of the model on its working grid, and of the delivered "
+              "(refined) mask on the scan's grid against the stored mask. "
               + ("Every arm is also trained and calibrated on ROIs cut by that model at the training sites, as "
                  "at inference (`cls-masks = segmentation`; the auxiliary marker targets come from the reference "
                  "masks). " if cut_by_model else "Arms are trained on ROIs cut on the reference masks "
@@ -195,7 +198,8 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
                       f"(target >= 0.90)."]
     lines += ["", "## Per external centre", "",
               "| centre | arm | n (HE) | AUC [95% CI, DeLong] | oracle | vs federated (p) | sens | spec | Brier | "
-              "Dice | volume MAE mL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Dice | volume MAE mL | Dice, scan grid | volume MAE mL, scan grid |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for center in metrics["test_centers"]:
         for arm, slot in arms.items():
             if center not in slot["centers"]:  # leave-one-out: local-<c> is never scored at c
@@ -203,7 +207,8 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
             e = slot["centers"][center]
             lines.append(f"| {center} | {arm} | {e['n']} ({e['n_he']}) | {_ci(e)} | {_f(e.get('oracle_auc'))} | "
                          f"{_p(e.get('vs_federated'))} | {_f(e['sensitivity'], 2)} | {_f(e['specificity'], 2)} | "
-                         f"{_f(e['brier'])} | {_f(e['dice'])} | {_f(e['volume_mae_ml'], 2)} |"
+                         f"{_f(e['brier'])} | {_f(e['dice'])} | {_f(e['volume_mae_ml'], 2)} | "
+                         f"{_f(e.get('dice_native'))} | {_f(e.get('volume_mae_native_ml'), 2)} |"
                          + (f" error: {e['error'][:80]}" if "error" in e else ""))
     lines += ["", "## Figures", "",
               f"![ROC per external centre]({figures['roc']})", "",

@@ -492,6 +492,10 @@ def test_simulate_writes_schema_valid_metrics_and_a_report(study, tiny):
     assert fed["n"] == final["num-examples"] and fed["auc"] == final.get("auc")
     assert fed["brier"] == final.get("brier")
     assert fed["dice"] == pytest.approx(report["stages"]["seg"]["final"]["center4"]["dice"])
+    # Held-out centres also score the delivered mask on each scan's own grid (refined boundary).
+    assert fed["dice_native"] == pytest.approx(report["stages"]["seg"]["final"]["center4"]["dice-native"])
+    assert 0.0 <= fed["dice_native"] <= 1.0 and fed["volume_mae_native_ml"] >= 0.0
+    assert "dice-native" not in report["stages"]["seg"]["final"]["center1"]  # training centres: validation only
     for name in ("report.md", "report.html", "roc_external.png", "calibration_external.png", "dice.png",
                  "learning_curves.png", "config.json"):
         assert (out / name).stat().st_size > 0, name

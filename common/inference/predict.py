@@ -7,8 +7,9 @@ Per case, in OUT_DIR:
     report.png    up to 4 axial slices through the hematoma (brain window, mask outlined)
 
 Pipeline: read -> canonical orientation (LPS) -> working spacing of the bundle -> sliding-window
-segmentation -> mask mapped back to the original grid (interpolated probability) -> volume in mL counted
-on that grid -> classifier ROIs centred on the predicted mask (classifier's own grid) ->
+segmentation -> mask mapped onto the scan's own pixels (interpolated probability) -> boundary redrawn
+there from the scan's densities (`postprocess.refine_boundary`) -> stored on the original grid -> volume
+in mL counted on that grid -> classifier ROIs centred on the predicted mask (classifier's own grid) ->
 patient-level logit -> the bundle's calibration -> probability -> risk band.
 
 Risk bands around the bundle's operating threshold t (fixed on the training centres'
@@ -121,6 +122,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     from common.metrics.markers import marker_features, marker_vector
     from common.training.classification import case_logits
     from common.training.inference import mask_on_grid, segment
+    from common.training.postprocess import refine_boundary
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     timing, warnings = {}, []
@@ -140,8 +142,11 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
                                   overlap=float(pre.get("sw_overlap", 0.25)),
                                   sw_batch_size=int(pre.get("sw_batch_size", 4)), name=str(input_path))
     mask &= scanned_region(native.original, working.working)
-    mask_original = mask_on_grid(mask, probabilities, working.working, native.original)
+    # The boundary is redrawn on the scan's own pixels (canonical orientation), then the mask is
+    # stored on the input's grid: the volume is counted where a clinician would measure it.
     mask_native = sitk.GetArrayFromImage(mask_on_grid(mask, probabilities, working.working, native.working))
+    mask_native = refine_boundary(mask_native, native.hu, native.spacing)
+    mask_original = to_original_grid(mask_native, native.working, native.original, is_mask=True)
     volume = volume_ml(mask_original)
     timing["segment_s"] = time.perf_counter() - t
 
@@ -158,8 +163,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
         cls_sample, cls_mask = native, mask_native
         if settings.spacing is not None:
             cls_sample = resample_sample(native, settings.spacing, bundle.windows)
-            cls_mask = sitk.GetArrayFromImage(mask_on_grid(mask, probabilities, working.working,
-                                                           cls_sample.working))
+            cls_mask = sitk.GetArrayFromImage(to_original_grid(mask_native, native.working, cls_sample.working))
         if cls_mask.any():
             rois = extract_rois(cls_sample, cls_mask, k=settings.k_slices, size_mm=settings.size_mm,
                                 pixels=settings.pixels, windows=bundle.windows)

@@ -4,6 +4,10 @@ Overlap and distance metrics (Dice, IoU, HD95) are computed on the working grid,
 model predicts. Volumes are reported twice: on the working grid, and with the prediction
 mapped back onto the stored scan's grid and compared with the stored mask, which is the
 volume a clinician would measure (it carries no resampling error of the reference).
+Given the case at its own resolution (`native`), the mask hemex delivers is scored too: mapped
+onto the scan's pixels, its boundary redrawn there (`postprocess.refine_boundary`, as `hemex
+predict` and the held-out sites' classifier ROIs do), against the stored mask (`dice_native`,
+`abs_vol_err_native_ml`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from torch import nn
 from common.data.preprocess import Sample
 from common.metrics.segmentation import segmentation_metrics, summarize
 from common.training.inference import mask_on_grid, segment
+from common.training.postprocess import refine_boundary
 
 # The per-centre summaries keep these (flags and raw volumes stay in the per-case records).
 SUMMARY_KEYS = ("dice", "iou", "hd95_mm", "abs_vol_err_ml", "rel_vol_err", "abs_vol_err_original_ml",
-                "inference_seconds")
+                "dice_native", "abs_vol_err_native_ml", "inference_seconds")
 
 
 def original_grid_volume_ml(pred: np.ndarray, probabilities: np.ndarray, sample: Sample) -> float:
@@ -31,8 +36,21 @@ def original_grid_volume_ml(pred: np.ndarray, probabilities: np.ndarray, sample:
     return voxels * float(np.prod(sample.original.spacing)) / 1000.0
 
 
+def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> dict:
+    """Dice and absolute volume error (mL) of the delivered mask on the scan's own grid: the
+    working-grid prediction mapped onto `native` (the case at its own resolution, with its stored
+    mask) and its boundary refined there."""
+    mask = sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, sample.working, native.working))
+    mask = refine_boundary(mask, native.hu, native.spacing).astype(bool)
+    reference = np.asarray(native.mask) != 0
+    total = int(mask.sum() + reference.sum())
+    voxel_ml = float(np.prod(native.spacing)) / 1000.0
+    return {"dice_native": 2.0 * float((mask & reference).sum()) / total if total else 1.0,
+            "abs_vol_err_native_ml": abs(int(mask.sum()) - int(reference.sum())) * voxel_ml}
+
+
 def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float, sw_batch_size: int,
-                  device, satellite_mm: float = 0.0) -> dict:
+                  device, satellite_mm: float = 0.0, native: Sample | None = None) -> dict:
     start = time.perf_counter()
     pred, probabilities = segment(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
                                   device=device, name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing,
@@ -45,15 +63,19 @@ def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float,
         predicted_ml = original_grid_volume_ml(pred, probabilities, sample)
         record.update(vol_pred_original_ml=predicted_ml, vol_ref_original_ml=reference_ml,
                       abs_vol_err_original_ml=abs(predicted_ml - reference_ml))
+    if native is not None and native.mask is not None:
+        record.update(native_scores(pred, probabilities, sample, native))
     return record
 
 
 def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, overlap: float = 0.25,
                           sw_batch_size: int = 4, device="cpu", satellite_mm: float = 0.0,
-                          progress: Callable[[int, int], None] | None = None) -> dict:
+                          progress: Callable[[int, int], None] | None = None,
+                          native: Callable[[Sample], Sample] | None = None) -> dict:
     """Predict every sample (all must have masks) and summarise.
 
     Inference seconds per case include the post-processing (`satellite_mm`, see `segment`).
+    `native` loads a sample's case at its own resolution: the delivered mask is scored there too.
 
     Returns {"per_case": [...], "per_center": {centre: {metric: stats}}, "overall": {...}},
     stats as in `common.metrics.segmentation.summarize`.
@@ -63,7 +85,8 @@ def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, 
         if sample.mask is None:
             raise ValueError(f"{sample.center}/{sample.case_id} has no reference mask to evaluate against")
         per_case.append(evaluate_case(model, sample, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
-                                      device=device, satellite_mm=satellite_mm))
+                                      device=device, satellite_mm=satellite_mm,
+                                      native=native(sample) if native is not None else None))
         if progress is not None:
             progress(done, len(samples))
     centers = sorted({r["center"] for r in per_case})

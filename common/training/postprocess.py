@@ -16,6 +16,19 @@ Small predicted blobs far from the largest component are false positives (noise 
 blood density, partial-volume bone at the skull base), which inflate HD95 and the volume.
 Like nnU-Net's "keep the largest component", but satellites within `satellite_mm` of the
 main lesion are kept.
+
+The model predicts on a coarse working grid (2 x 2 x 5 mm on the CPU profile); its mask reaches a
+scan's own 0.5-1 mm pixels by interpolating probabilities, which blurs the boundary at the working
+grid's scale and shrinks lesions (median volume -13 to -17 % on two development cohorts).
+`refine_boundary` redraws the boundary at the scan's resolution, the way a reader's threshold tool
+does, calibrated on the scan itself: a voxel within `REFINE_GROW_MM` (in-plane) of the model's mask
+is hematoma when its lightly smoothed density is nearer the clot's own density (median of the mask's
+interior) than the surrounding brain's (median of a ring 6-12 mm outside it, less dense than the clot
+and not fat or air);
+the model's interior is kept whatever its density (blend-sign and black-hole parts are hypodense),
+and no slice the model left empty gains voxels. On the development cohorts (paper seeds 1-2, the
+seed-0 federated model, 218 cases each) native-grid Dice against the stored masks rose from 0.66 /
+0.67 to 0.75 / 0.76 (better in 93 % of cases), volume MAE from 8.4 / 7.1 to 6.7 / 5.2 mL.
 """
 
 from __future__ import annotations
@@ -26,6 +39,11 @@ from scipy import ndimage
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # diagonal neighbours belong to the same blob
 MIN_LESION_HU = 20.0
 MAX_LESION_HU = 100.0
+REFINE_GROW_MM = 4.0  # two working-grid voxels: how far the coarse boundary can be off
+REFINE_KEEP_MM = 1.5  # the model's interior deeper than this stays hematoma whatever its density
+REFINE_RING_MM = (6.0, 12.0)  # where the surrounding brain's density is read (past edema's steepest part)
+REFINE_SMOOTH_MM = 0.7  # Gaussian sigma in-plane: takes the edge off pixel noise, keeps the boundary
+MIN_CONTRAST_HU = 8.0  # clot hardly denser than the brain around it (anaemia, isodense clot): no refinement
 
 
 def keep_blood_density(mask: np.ndarray, hu: np.ndarray, low: float = MIN_LESION_HU,
@@ -55,3 +73,42 @@ def keep_main_lesion(mask: np.ndarray, spacing_xyz, satellite_mm: float) -> np.n
     nearest = ndimage.minimum(distance, labels, index=np.arange(1, count + 1))
     kept = 1 + np.flatnonzero(np.asarray(nearest) <= satellite_mm)
     return np.isin(labels, kept).astype(np.uint8)
+
+
+def _in_plane_distance(mask: np.ndarray, spacing_xyz) -> np.ndarray:
+    """Per axial slice, the in-plane distance (mm) from each voxel to the nearest `mask` voxel."""
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    far = float(np.hypot(sx * mask.shape[2], sy * mask.shape[1]))
+    return np.stack([ndimage.distance_transform_edt(~s, sampling=(sy, sx)) if s.any() else np.full(s.shape, far)
+                     for s in mask])
+
+
+def refine_boundary(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> np.ndarray:
+    """`mask` (z, y, x) on the scan's own grid, its boundary redrawn at that grid's resolution from
+    the scan's densities (see the module docstring). Returns the mask unchanged when the clot is not
+    denser than the brain around it by MIN_CONTRAST_HU, or when there is no brain ring to read."""
+    mask = np.asarray(mask) != 0
+    hu = np.asarray(hu, dtype=np.float32)
+    if mask.sum() < 5:
+        return mask.astype(np.uint8)
+    outside = _in_plane_distance(mask, spacing_xyz)
+    inside = _in_plane_distance(~mask, spacing_xyz) * mask
+    core = inside > 2.0
+    if core.sum() < 10:
+        core = mask
+    clot = float(np.median(hu[core]))
+    # Soft tissue around the clot: no bone or other blood (denser than the clot), no fat or air.
+    ring = (outside > REFINE_RING_MM[0]) & (outside < REFINE_RING_MM[1]) & (hu < clot) & (hu > clot - 100.0)
+    if ring.sum() < 10:
+        return mask.astype(np.uint8)
+    brain = float(np.median(hu[ring]))
+    if clot - brain < MIN_CONTRAST_HU:
+        return mask.astype(np.uint8)
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    smooth = ndimage.gaussian_filter(hu, (0.0, REFINE_SMOOTH_MM / sy, REFINE_SMOOTH_MM / sx))
+    # Denser than clot + 40 HU is bone or calcification at the edge, not blood.
+    candidate = (outside <= REFINE_GROW_MM) & (smooth >= 0.5 * (brain + clot)) & (smooth < clot + 40.0)
+    candidate |= mask & (inside > REFINE_KEEP_MM)
+    labels, _ = ndimage.label(candidate, structure=FULL_CONNECTIVITY)
+    touched = np.unique(labels[mask & candidate])
+    return np.isin(labels, touched[touched > 0]).astype(np.uint8)
