@@ -91,6 +91,18 @@ def refine_boundary(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> np.ndarray
     hu = np.asarray(hu, dtype=np.float32)
     if mask.sum() < 5:
         return mask.astype(np.uint8)
+    # Work in the box of the mask's slices and its surroundings out to the ring: everything the
+    # rule reads or changes lies there (exact, and ~10x cheaper on a 512 px scan).
+    zs, ys, xs = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    my, mx = (int(np.ceil((REFINE_RING_MM[1] + 1.0) / float(s))) for s in (spacing_xyz[1], spacing_xyz[0]))
+    box = (slice(zs[0], zs[-1] + 1), slice(max(ys[0] - my, 0), ys[-1] + my + 1),
+           slice(max(xs[0] - mx, 0), xs[-1] + mx + 1))
+    out = np.zeros(mask.shape, np.uint8)
+    out[box] = _refine(mask[box], hu[box], spacing_xyz)
+    return out
+
+
+def _refine(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> np.ndarray:
     outside = _in_plane_distance(mask, spacing_xyz)
     inside = _in_plane_distance(~mask, spacing_xyz) * mask
     core = inside > 2.0
