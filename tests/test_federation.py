@@ -210,6 +210,9 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
                              RecordDict({"arrays": weights, "config": ConfigRecord({"split": "all"})}), 3, settings)
     metrics = dict(evaluation.content["metrics"])
     assert metrics["num-examples"] == 10 and 0.0 <= metrics["dice"] <= 1.0
+    # Aggregates only, named and fixed in number whatever the case count (no per-case values).
+    assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "abs-vol-err-ml", "vol-mae-ml", "dice-min",
+                            "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "vol-mae-native-ml"}
     synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
     synth_metrics = dict(synth.content["metrics"])
     assert synth_metrics["num-kept"] <= synth_metrics["num-needed"]
@@ -219,7 +222,8 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     for reply in (info, train, evaluation, synth):
         for record in reply.content.values():
             if isinstance(record, MetricRecord):
-                assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 12
+                assert all(isinstance(v, (int, float)) for v in record.values()) and len(record) <= 13
+                assert not any("center1-" in key for key in record)  # no case id in any key
 
     # Classifier ROIs cut by the federation's segmentation model (cls-masks = segmentation): the
     # message carries the model's weights; markers fed to the classifier are measured on its
