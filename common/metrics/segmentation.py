@@ -65,18 +65,11 @@ def hd95(pred, ref, spacing: Sequence[float]) -> float:
     return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
 
 
-def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict:
-    """Metrics for one case.
-
-    Args:
-        pred, ref: 3D masks (z, y, x); numpy arrays or torch tensors; nonzero = foreground.
-        spacing: voxel size (x, y, z) in mm.
-
-    Returns a dict: ``dice``, ``iou``, ``hd95_mm`` (float, NaN if undefined),
-    ``hd95_defined`` (bool), ``empty_pred`` / ``empty_ref`` (bool), ``vol_pred_ml``,
-    ``vol_ref_ml``, ``vol_diff_ml`` (pred - ref), ``abs_vol_err_ml`` and ``rel_vol_err``
-    (|pred - ref| / ref, NaN when the reference is empty).
-    """
+def overlap_metrics(pred, ref, spacing: Sequence[float]) -> dict:
+    """Overlap and volume of one case (no surface distances): ``dice``, ``iou``, ``empty_pred`` /
+    ``empty_ref``, ``vol_pred_ml``, ``vol_ref_ml``, ``vol_diff_ml`` (pred - ref), ``abs_vol_err_ml``
+    and ``rel_vol_err`` (|pred - ref| / ref, NaN when the reference is empty). Arguments as in
+    `segmentation_metrics`."""
     p, r = _as_mask(pred, "pred"), _as_mask(ref, "ref")
     if p.shape != r.shape:
         raise ValueError(f"pred and ref shapes differ: {p.shape} vs {r.shape}")
@@ -87,17 +80,11 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict:
     inter = int(np.logical_and(p, r).sum())
     union = n_p + n_r - inter
     both_empty = n_p == 0 and n_r == 0
-    dice = 1.0 if both_empty else 2.0 * inter / (n_p + n_r)
-    iou = 1.0 if both_empty else inter / union
-    dist = hd95(p, r, spacing)
-
     vol_p, vol_r = n_p * voxel_ml, n_r * voxel_ml
     abs_err = abs(vol_p - vol_r)
     return {
-        "dice": dice,
-        "iou": iou,
-        "hd95_mm": dist,
-        "hd95_defined": not math.isnan(dist),
+        "dice": 1.0 if both_empty else 2.0 * inter / (n_p + n_r),
+        "iou": 1.0 if both_empty else inter / union,
         "empty_pred": n_p == 0,
         "empty_ref": n_r == 0,
         "vol_pred_ml": vol_p,
@@ -106,6 +93,22 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict:
         "abs_vol_err_ml": abs_err,
         "rel_vol_err": abs_err / vol_r if n_r else float("nan"),
     }
+
+
+def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict:
+    """Metrics for one case.
+
+    Args:
+        pred, ref: 3D masks (z, y, x); numpy arrays or torch tensors; nonzero = foreground.
+        spacing: voxel size (x, y, z) in mm.
+
+    Returns the `overlap_metrics` plus ``hd95_mm`` (float, NaN if undefined) and
+    ``hd95_defined`` (bool).
+    """
+    overlap = overlap_metrics(pred, ref, spacing)
+    dist = hd95(_as_mask(pred, "pred"), _as_mask(ref, "ref"), spacing)
+    return {"dice": overlap["dice"], "iou": overlap["iou"], "hd95_mm": dist, "hd95_defined": not math.isnan(dist),
+            **{k: v for k, v in overlap.items() if k not in ("dice", "iou")}}
 
 
 def summarize(per_case: list[dict]) -> dict:

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from torch import nn
 
 from common.data.preprocess import Sample
-from common.metrics.segmentation import segmentation_metrics, summarize
+from common.metrics.segmentation import overlap_metrics, segmentation_metrics, summarize
 from common.training.inference import mask_on_grid, segment
 from common.training.postprocess import refine_boundary
 
@@ -41,12 +41,8 @@ def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, n
     working-grid prediction mapped onto `native` (the case at its own resolution, with its stored
     mask) and its boundary refined there."""
     mask = sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, sample.working, native.working))
-    mask = refine_boundary(mask, native.hu, native.spacing).astype(bool)
-    reference = np.asarray(native.mask) != 0
-    total = int(mask.sum() + reference.sum())
-    voxel_ml = float(np.prod(native.spacing)) / 1000.0
-    return {"dice_native": 2.0 * float((mask & reference).sum()) / total if total else 1.0,
-            "abs_vol_err_native_ml": abs(int(mask.sum()) - int(reference.sum())) * voxel_ml}
+    scores = overlap_metrics(refine_boundary(mask, native.hu, native.spacing), native.mask, native.spacing)
+    return {"dice_native": scores["dice"], "abs_vol_err_native_ml": scores["abs_vol_err_ml"]}
 
 
 def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float, sw_batch_size: int,

@@ -41,6 +41,7 @@ MIN_LESION_HU = 20.0
 MAX_LESION_HU = 100.0
 REFINE_GROW_MM = 4.0  # two working-grid voxels: how far the coarse boundary can be off
 REFINE_KEEP_MM = 1.5  # the model's interior deeper than this stays hematoma whatever its density
+REFINE_CORE_MM = 2.0  # the clot's own density is read this deep inside the model's mask
 REFINE_RING_MM = (6.0, 12.0)  # where the surrounding brain's density is read (past edema's steepest part)
 REFINE_SMOOTH_MM = 0.7  # Gaussian sigma in-plane: takes the edge off pixel noise, keeps the boundary
 MIN_CONTRAST_HU = 8.0  # clot hardly denser than the brain around it (anaemia, isodense clot): no refinement
@@ -105,7 +106,7 @@ def refine_boundary(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> np.ndarray
 def _refine(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> np.ndarray:
     outside = _in_plane_distance(mask, spacing_xyz)
     inside = _in_plane_distance(~mask, spacing_xyz) * mask
-    core = inside > 2.0
+    core = inside > REFINE_CORE_MM
     if core.sum() < 10:
         core = mask
     clot = float(np.median(hu[core]))
