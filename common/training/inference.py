@@ -19,7 +19,7 @@ from torch import nn
 from common.data.preprocess import Geometry, to_original_grid
 from common.errors import DataError
 from common.networks import main_output
-from common.training.postprocess import keep_blood_density, keep_main_lesion
+from common.training.postprocess import keep_blood_density, keep_intracranial, keep_main_lesion
 
 
 def required_multiple(model: nn.Module) -> tuple[int, int, int]:
@@ -80,6 +80,8 @@ def segment(model: nn.Module, image, roi_size, *, spacing=None, satellite_mm: fl
     mask = (probabilities > 0.5).astype(np.uint8)
     if hu is not None:
         mask = keep_blood_density(mask, hu)
+        if spacing is not None:
+            mask = keep_intracranial(mask, hu, spacing)
     if satellite_mm > 0:
         if spacing is None:
             raise ValueError("satellite_mm needs the volume's spacing (x, y, z) in mm")

@@ -36,6 +36,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from common.data.intracranial import in_plane_disk, intracranial_mask
+
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # diagonal neighbours belong to the same blob
 MIN_LESION_HU = 20.0
 MAX_LESION_HU = 100.0
@@ -44,6 +46,8 @@ REFINE_KEEP_MM = 1.5  # the model's interior deeper than this stays hematoma wha
 REFINE_CORE_MM = 2.0  # the clot's own density is read this deep inside the model's mask
 REFINE_RING_MM = (6.0, 12.0)  # where the surrounding brain's density is read (past edema's steepest part)
 REFINE_SMOOTH_MM = 0.7  # Gaussian sigma in-plane: takes the edge off pixel noise, keeps the boundary
+MIN_INTRACRANIAL = 0.5  # a component with less of itself inside the skull is extracranial tissue
+INTRACRANIAL_MARGIN_MM = 2.0  # a lobar clot against the inner table is inside; partial volume may not be
 MIN_CONTRAST_HU = 8.0  # clot hardly denser than the brain around it (anaemia, isodense clot): no refinement
 
 
@@ -56,6 +60,21 @@ def keep_blood_density(mask: np.ndarray, hu: np.ndarray, low: float = MIN_LESION
     labels, count = ndimage.label(mask, structure=FULL_CONNECTIVITY)
     means = np.asarray(ndimage.mean(np.asarray(hu, dtype=np.float64), labels, index=np.arange(1, count + 1)))
     kept = 1 + np.flatnonzero((means >= low) & (means <= high))
+    return np.isin(labels, kept).astype(np.uint8)
+
+
+def keep_intracranial(mask: np.ndarray, hu: np.ndarray, spacing_xyz, min_fraction: float = MIN_INTRACRANIAL) -> np.ndarray:
+    """`mask` (z, y, x) without the connected components lying mostly outside the skull (less than
+    `min_fraction` of their voxels within 2 mm of the intracranial space: temporal or neck muscle,
+    orbit, scalp). Unchanged when the scan's intracranial space cannot be found."""
+    mask = np.asarray(mask) != 0
+    brain = intracranial_mask(hu, spacing_xyz) if mask.any() else None
+    if brain is None:
+        return mask.astype(np.uint8)
+    labels, count = ndimage.label(mask, structure=FULL_CONNECTIVITY)
+    near = ndimage.binary_dilation(brain, structure=in_plane_disk(INTRACRANIAL_MARGIN_MM, spacing_xyz))
+    inside = ndimage.mean(near.astype(np.float64), labels, index=np.arange(1, count + 1))
+    kept = 1 + np.flatnonzero(np.asarray(inside) >= min_fraction)
     return np.isin(labels, kept).astype(np.uint8)
 
 
