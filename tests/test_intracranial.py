@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.data.intracranial import intracranial_fraction, intracranial_mask
-from common.training.postprocess import keep_intracranial
+from common.training.postprocess import implausible_mask, keep_intracranial
 
 SPACING = (2.0, 2.0, 5.0)  # (x, y, z) mm: the CPU profile's working grid
 
@@ -74,3 +74,18 @@ def test_without_a_brain_the_mask_is_left_as_it_is():
     mask = np.zeros(hu.shape, np.uint8)
     mask[5:8, 10:20, 10:20] = 1
     np.testing.assert_array_equal(keep_intracranial(mask, hu, SPACING), mask)
+
+
+def test_implausible_delivered_masks_are_named_and_a_hematoma_is_not():
+    hu, brain = head()
+    lesion = np.zeros(hu.shape, bool)
+    lesion[12:17, 30:40, 28:38] = True
+    hu[lesion] = 60.0
+    assert implausible_mask(lesion, hu, SPACING) is None
+    assert implausible_mask(np.zeros(hu.shape, bool), hu, SPACING) is None
+    bone = (hu > 500) & (np.arange(hu.shape[2]) > 80)[None, None, :]  # a mask of skull
+    assert "not acute blood" in implausible_mask(bone, hu, SPACING)
+    z, y, x = np.mgrid[0:30, 0:110, 0:100]
+    r = np.sqrt(((x - 50) * 2.0 / 70) ** 2 + ((y - 55) * 2.0 / 85) ** 2 + ((z - 15) * 5.0 / 65) ** 2)
+    scalp = (r >= 1.085) & (r < 1.16) & (x > 70)  # muscle-dense scalp: blood's density, outside the skull
+    assert "inside the skull" in implausible_mask(scalp, hu, SPACING)

@@ -122,7 +122,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     from common.metrics.markers import marker_features, marker_vector
     from common.training.classification import case_logits
     from common.training.inference import mask_on_grid, segment
-    from common.training.postprocess import refine_boundary
+    from common.training.postprocess import implausible_mask, refine_boundary
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     timing, warnings = {}, []
@@ -148,6 +148,9 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     mask_native = refine_boundary(mask_native, native.hu, native.spacing)
     mask_original = to_original_grid(mask_native, native.working, native.original, is_mask=True)
     volume = volume_ml(mask_original)
+    implausible = implausible_mask(mask_native, native.hu, native.spacing)
+    if implausible:
+        warnings.append(implausible)
     timing["segment_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from common.data.intracranial import in_plane_disk, intracranial_mask
+from common.data.intracranial import in_plane_disk, intracranial_fraction, intracranial_mask
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # diagonal neighbours belong to the same blob
 MIN_LESION_HU = 20.0
@@ -76,6 +76,25 @@ def keep_intracranial(mask: np.ndarray, hu: np.ndarray, spacing_xyz, min_fractio
     inside = ndimage.mean(near.astype(np.float64), labels, index=np.arange(1, count + 1))
     kept = 1 + np.flatnonzero(np.asarray(inside) >= min_fraction)
     return np.isin(labels, kept).astype(np.uint8)
+
+
+def implausible_mask(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> str | None:
+    """Why a delivered hematoma mask is not a plausible acute hematoma of this scan (None if it is):
+    its mean density is not blood's, or most of it lies outside the skull. A clinician reads the
+    volume; a mask of bone, CSF or scalp must not be reported as a hematoma volume silently."""
+    mask = np.asarray(mask) != 0
+    if not mask.any():
+        return None
+    hu = np.asarray(hu)
+    mean = float(hu[mask].mean())
+    if not MIN_LESION_HU <= mean <= MAX_LESION_HU:
+        return (f"segmented region's mean density {mean:.0f} HU is not acute blood "
+                f"({MIN_LESION_HU:g}-{MAX_LESION_HU:g} HU): check the mask before using the volume")
+    inside = intracranial_fraction(mask, intracranial_mask(hu, spacing_xyz), spacing_xyz, INTRACRANIAL_MARGIN_MM)
+    if inside < MIN_INTRACRANIAL:
+        return (f"only {inside:.0%} of the segmented region lies inside the skull: "
+                "check the mask before using the volume")
+    return None
 
 
 def keep_main_lesion(mask: np.ndarray, spacing_xyz, satellite_mm: float) -> np.ndarray:
