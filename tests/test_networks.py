@@ -30,7 +30,7 @@ def _model(name, **kw):
 
 
 def test_registry_lists_all_models():
-    assert set(list_models()) == {"umamba-bot", "umamba-enc", "unet", "segresnet"}
+    assert set(list_models()) == {"umamba-bot", "umamba-enc", "unet", "segresnet", "dynunet"}
 
 
 @pytest.mark.parametrize("name", list_models())

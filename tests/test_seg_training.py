@@ -6,6 +6,8 @@ cohort (conftest's session fixture) and run `hemex train-seg` end to end.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -106,6 +108,23 @@ def test_patch_sampler_oversamples_foreground(blobs):
     assert hu.shape == (3, 1, 4, 8, 8) and label.shape == (3, 1, 4, 8, 8)
 
 
+def test_patch_sampler_centres_hard_negatives_on_blood_dense_tissue_outside_the_lesion(blobs):
+    samples = []
+    for sample in blobs:
+        hu = sample.hu.copy()
+        hu[:, 5, 8:30] = 58.0  # a dense strand (falx-like) away from the blob
+        hu[sample.mask > 0] = 65.0
+        samples.append(dataclasses.replace(sample, hu=hu, image=window_channels(hu)))
+    sampler = PatchSampler(samples, (4, 8, 8), 0.0, np.random.default_rng(0), hard_negative_fraction=1.0)
+    for _ in range(40):
+        hu, label = sampler.draw()
+        centre = hu[0, 2, 4, 4]  # the centred voxel (patches are clamped only at the volume's border)
+        assert (hu[0] >= 50).any() and not label[0, 2, 4, 4]
+        assert centre >= 50 or hu[0, :, 3:6, 3:6].max() >= 50
+    with pytest.raises(ValueError, match="hard_negative_fraction"):
+        PatchSampler(samples, (4, 8, 8), 0.6, np.random.default_rng(0), hard_negative_fraction=0.6)
+
+
 def test_patch_sampler_pads_volumes_smaller_than_the_patch(blobs):
     hu, label = PatchSampler(blobs[:1], (16, 48, 48), 0.5, np.random.default_rng(0)).draw()
     assert hu.shape == (1, 16, 48, 48) and label.shape == (1, 16, 48, 48)
@@ -202,6 +221,14 @@ def test_best_state_is_the_best_validated_epoch_and_is_restored(blobs):
     assert result.metrics["val_dice"] == best
     assert result.history[result.best_epoch - 1]["val_dice"] == best
     assert all(torch.equal(v, result.best_state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_wall_clock_budget_stops_training_after_the_epoch_that_spends_it(blobs):
+    model = tiny_model()
+    result = train_segmentation(model, blobs[:4], epochs=50, steps_per_epoch=1, patch_size=PATCH, seed=0,
+                                val_samples=blobs[4:5], val_every=10, max_seconds=1e-9)
+    assert len(result.history) == 1 and result.metrics["epochs"] == 1.0
+    assert np.isfinite(result.history[0]["val_dice"])  # the last epoch is validated
 
 
 def test_fedprox_keeps_weights_near_the_global_model(blobs):

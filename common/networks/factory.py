@@ -137,7 +137,7 @@ def _monai_nets() -> tuple[type, type]:
     classes are cached under module-level names (see ``__getattr__``) so pickling works.
     """
     if not _MONAI_CLASSES:
-        from monai.networks.nets import SegResNet, UNet
+        from monai.networks.nets import DynUNet, SegResNet, UNet
 
         class CheckedUNet(UNet):
             """monai.networks.nets.UNet with an input-shape check."""
@@ -164,7 +164,20 @@ def _monai_nets() -> tuple[type, type]:
                 _check_5d(self, x, self.required_multiple)
                 return super().forward(x)
 
-        for cls in (CheckedUNet, CheckedSegResNet):
+        class CheckedDynUNet(DynUNet):
+            """monai.networks.nets.DynUNet (nnU-Net's network) with an input-shape check; in training
+            with deep supervision its stacked outputs become a list, full resolution first."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.required_multiple = _total_stride(self.strides)
+
+            def forward(self, x: torch.Tensor):
+                _check_5d(self, x, self.required_multiple)
+                out = super().forward(x)
+                return list(out.unbind(dim=1)) if self.training and self.deep_supervision else out
+
+        for cls in (CheckedUNet, CheckedSegResNet, CheckedDynUNet):
             cls.__qualname__ = cls.__name__
             _MONAI_CLASSES[cls.__name__] = cls
     return _MONAI_CLASSES["CheckedUNet"], _MONAI_CLASSES["CheckedSegResNet"]
@@ -172,7 +185,7 @@ def _monai_nets() -> tuple[type, type]:
 
 def __getattr__(name: str):
     # Lets pickle find the lazily defined classes by their module-level names.
-    if name in ("CheckedUNet", "CheckedSegResNet"):
+    if name in ("CheckedUNet", "CheckedSegResNet", "CheckedDynUNet"):
         _monai_nets()
         return _MONAI_CLASSES[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -200,3 +213,17 @@ def unet(in_channels: int, out_channels: int, **cfg) -> nn.Module:
 def segresnet(in_channels: int, out_channels: int, **cfg) -> nn.Module:
     _, CheckedSegResNet = _monai_nets()
     return CheckedSegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **cfg)
+
+
+@register_model(
+    "dynunet",
+    # nnU-Net's network at the CPU profile's size: the U-Mamba's stages, kernels and widths, so the
+    # two differ only by the Mamba layer and the residual blocks.
+    dict(filters=(8, 16, 32, 64), kernel_size=((1, 3, 3), (1, 3, 3), 3, 3), strides=(1, (1, 2, 2), 2, 2),
+         norm_name=("INSTANCE", {"affine": True}), deep_supervision=True, deep_supr_num=2, res_block=True),
+)
+def dynunet(in_channels: int, out_channels: int, **cfg) -> nn.Module:
+    _monai_nets()
+    strides = cfg["strides"]
+    return _MONAI_CLASSES["CheckedDynUNet"](spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                                            upsample_kernel_size=strides[1:], **cfg)

@@ -36,12 +36,16 @@ def original_grid_volume_ml(pred: np.ndarray, probabilities: np.ndarray, sample:
     return voxels * float(np.prod(sample.original.spacing)) / 1000.0
 
 
-def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> dict:
-    """Dice and absolute volume error (mL) of the delivered mask on the scan's own grid: the
-    working-grid prediction mapped onto `native` (the case at its own resolution, with its stored
-    mask) and its boundary refined there."""
+def delivered_mask(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> np.ndarray:
+    """The mask hemex delivers on the scan's own grid: the working-grid prediction of `sample`
+    mapped onto `native` (the same case at its own resolution) and its boundary refined there."""
     mask = sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, sample.working, native.working))
-    scores = overlap_metrics(refine_boundary(mask, native.hu, native.spacing), native.mask, native.spacing)
+    return refine_boundary(mask, native.hu, native.spacing)
+
+
+def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> dict:
+    """Dice and absolute volume error (mL) of the delivered mask against `native`'s stored mask."""
+    scores = overlap_metrics(delivered_mask(pred, probabilities, sample, native), native.mask, native.spacing)
     return {"dice_native": scores["dice"], "abs_vol_err_native_ml": scores["abs_vol_err_ml"]}
 
 

@@ -125,12 +125,14 @@ def train_segmentation(
     schedule_total: int | None = None,
     grad_clip: float = 12.0,
     foreground_fraction: float = 1 / 3,
+    hard_negative_fraction: float = 0.0,
     augment: bool = True,
     roi_size=None,
     sw_overlap: float = 0.25,
     sw_batch_size: int = 4,
     satellite_mm: float = 0.0,
     restore_best: bool = True,
+    max_seconds: float | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `epochs` x `steps_per_epoch` batches of random patches.
@@ -146,6 +148,8 @@ def train_segmentation(
             (a federated client continues the global learning-rate schedule across rounds);
             by default the schedule spans this call.
         roi_size, sw_overlap, sw_batch_size, satellite_mm: validation inference (see `predict_mask`).
+        max_seconds: a wall-clock budget for training (validation excluded): no epoch starts once
+            it is spent, and the epoch that spends it validates (a benchmark compares models at equal time).
         progress: called after every epoch with that epoch's record.
 
     Returns a TrainResult; `metrics` holds train_loss, val_dice (NaN without validation),
@@ -167,7 +171,7 @@ def train_segmentation(
     windows = sample_windows(train_samples)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
-    sampler = PatchSampler(train_samples, patch_size, foreground_fraction, rng)
+    sampler = PatchSampler(train_samples, patch_size, foreground_fraction, rng, hard_negative_fraction)
     transforms = build_augmentation(seed, windows) if augment else None
     model.to(device)
     model.train()
@@ -211,7 +215,9 @@ def train_segmentation(
             step += 1
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
                   "train_seconds": time.perf_counter() - epoch_start, "val_dice": float("nan")}
-        validate = val_samples and (epoch % val_every == 0 or epoch == epochs)
+        out_of_time = max_seconds is not None and sum(r["train_seconds"] for r in history) + record[
+            "train_seconds"] >= max_seconds
+        validate = val_samples and (epoch % val_every == 0 or epoch == epochs or out_of_time)
         if validate:
             val_start = time.perf_counter()
             record["val_dice"] = validation_dice(model, val_samples, roi, overlap=sw_overlap,
@@ -223,9 +229,11 @@ def train_segmentation(
         history.append(record)
         if progress is not None:
             progress(record)
+        if out_of_time:
+            break
 
     if best_state is None:  # no validation: the final weights are the result
-        best_epoch, best_state = epochs, cpu_state(model)
+        best_epoch, best_state = len(history), cpu_state(model)
     elif restore_best:
         model.load_state_dict(best_state)
     train_seconds = sum(r["train_seconds"] for r in history)
@@ -236,6 +244,7 @@ def train_segmentation(
         "num_examples": float(len(train_samples)),
         "steps": float(step),
         "seconds": time.perf_counter() - start,
-        "train_seconds_per_epoch": train_seconds / epochs,
+        "train_seconds_per_epoch": train_seconds / len(history),
+        "epochs": float(len(history)),
     }
     return TrainResult(best_state=best_state, metrics=metrics, history=history, best_epoch=best_epoch)

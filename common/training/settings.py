@@ -31,6 +31,7 @@ class SegmentationSettings:
     schedule: str = "poly"
     grad_clip: float = 12.0
     foreground_fraction: float = 1 / 3  # share of patches centred on a hematoma voxel
+    hard_negative_fraction: float = 0.0  # share centred on a blood-dense non-hematoma voxel (patches.py)
     augment: bool = True
     val_fraction: float = 0.1  # of each training centre, held out to pick the best checkpoint
     val_every: int = 1  # epochs between validations
@@ -57,6 +58,9 @@ class SegmentationSettings:
             raise ConfigError(f"segmentation.schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ConfigError(f"segmentation.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+        if not 0.0 <= self.hard_negative_fraction <= 1.0 - self.foreground_fraction:
+            raise ConfigError("segmentation.hard_negative_fraction must be in [0, 1 - foreground_fraction], "
+                              f"got {self.hard_negative_fraction}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"segmentation.val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.sw_overlap < 1.0:
