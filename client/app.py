@@ -41,8 +41,9 @@ from common.training.segmentation import seed_everything, train_segmentation
 app = ClientApp()
 
 
-def reply(message: Message, content: RecordDict, model_keys: set[str] | None = None) -> Message:
-    return Message(check_reply(content, model_keys), reply_to=message)
+def reply(message: Message, content: RecordDict, model=None) -> Message:
+    """The whitelisted reply; weights must match `model` (the received global weights)."""
+    return Message(check_reply(content, model), reply_to=message)
 
 
 def seg_model(site: Site):
@@ -99,7 +100,7 @@ def train_seg(message: Message, context: Context) -> Message:
     metrics = {"num-examples": len(site.fit_cases), "train-loss": result.metrics["train_loss"],
                "seconds": result.metrics.get("seconds", 0.0), "handler-seconds": time.perf_counter() - started}
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
-                 model_keys=set(state))
+                 model=message.content["arrays"])
 
 
 @app.evaluate("seg")
@@ -235,7 +236,7 @@ def train_cls(message: Message, context: Context) -> Message:
     metrics.update({"num-examples": len(fit), "num-excluded": len(dataset.excluded),
                     "handler-seconds": time.perf_counter() - started})
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
-                 model_keys=set(state))
+                 model=message.content["arrays"])
 
 
 def skip_round(message: Message, model, settings, excluded: int, started: float) -> Message:
@@ -248,7 +249,7 @@ def skip_round(message: Message, model, settings, excluded: int, started: float)
         metrics.update({"dp-epsilon": 0.0, "dp-delta": settings.dp_sgd_delta, "dp-steps": 0})
     metrics.update({"num-examples": 0, "num-excluded": excluded, "handler-seconds": time.perf_counter() - started})
     return reply(message, RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
-                 model_keys=set(state))
+                 model=message.content["arrays"])
 
 
 def state_stage(arm: str) -> str:

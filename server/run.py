@@ -28,6 +28,7 @@ from common.training.segmentation import seed_everything
 from common.training.settings import SegmentationSettings
 from server.checkpoint import ServerCheckpoints
 from server.grid import StageGrid, error_summary
+from server.guard import GuardedStrategy, RunFailed, train_reply_problem
 from server.strategies import build_strategy
 
 
@@ -44,6 +45,7 @@ class FederatedRun:
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
         self.cls = ClassifierSettings.from_profile(self.profile)
         self.centers: dict[str, int] = {}
+        self.declared_cases: dict[str, int] = {}  # per node centre, from its info reply: bounds num-examples
         self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
         self.steps_done, self.steps_total = 0, self.count_steps()
 
@@ -85,6 +87,9 @@ class FederatedRun:
                                   f"{reply.metadata.src_node_id})")
             centers[center] = reply.metadata.src_node_id
             counts[center] = dict(reply.content["metrics"])
+            declared = counts[center].get("num-cases")
+            if isinstance(declared, (int, float)) and float(declared).is_integer() and declared >= 0:
+                self.declared_cases[center] = int(declared)
         missing = expected - set(centers)
         if missing:
             raise ConfigError(f"no node answered for centre(s) {', '.join(sorted(missing))} within node-wait-s / "
@@ -121,7 +126,9 @@ class FederatedRun:
         train_nodes = {self.centers[c]: c for c in self.settings.train_centers}
         action = action or stage
         stage_grid = StageGrid(self.grid, train_nodes, action, attach)
-        strategy = build_strategy(self.settings, len(train_nodes))
+        s = self.settings
+        strategy = GuardedStrategy(build_strategy(s, len(train_nodes)), train_nodes, self.declared_cases,
+                                   s.min_valid_replies, s.max_failed_rounds, s.max_weight_ratio, stage, self.log)
 
         def after_round(server_round: int, arrays: ArrayRecord):
             if server_round == 0:
@@ -132,6 +139,9 @@ class FederatedRun:
                 calls = stage_grid.rounds.get(f"{kind}.{action}", [])
                 if len(calls) >= server_round:
                     entry[kind] = calls[server_round - 1]
+            checks = strategy.rounds.get(server_round, {})
+            entry.setdefault("train", {}).update({k: checks[k] for k in ("rejected", "clipped", "failed")
+                                                  if checks.get(k)})
             history.append(entry)
             self.checkpoints.save(stage, global_round, arrays, {"history": history})
             self.progress(f"{stage}: round {global_round}/{num_rounds} done: {summarize_round(entry)}")
@@ -139,15 +149,20 @@ class FederatedRun:
 
         extra = dict(config or {})
         config = ConfigRecord({"round-offset": start_round, **extra})
-        result = strategy.start(grid=stage_grid, initial_arrays=initial, num_rounds=num_rounds - start_round,
-                                timeout=self.settings.round_timeout_s, train_config=config,
-                                evaluate_config=ConfigRecord({"split": "validation", "round-offset": start_round, **extra}),
-                                evaluate_fn=after_round)
+        try:
+            result = strategy.start(grid=stage_grid, initial_arrays=initial, num_rounds=num_rounds - start_round,
+                                    timeout=self.settings.round_timeout_s, train_config=config,
+                                    evaluate_config=ConfigRecord({"split": "validation", "round-offset": start_round,
+                                                                  **extra}),
+                                    evaluate_fn=after_round)
+        except RunFailed:
+            self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round}
+            raise
         self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round,
                                         "aggregated_train": {str(k): dict(v) for k, v in result.train_metrics_clientapp.items()},
                                         "aggregated_validation": {str(k): dict(v) for k, v in
                                                                   result.evaluate_metrics_clientapp.items()}}
-        return result.arrays if result.arrays is not None else initial
+        return result.arrays if result.arrays else initial  # empty: no round aggregated
 
     def evaluate_everywhere(self, stage: str, arrays: ArrayRecord) -> dict[str, dict]:
         """Final weights evaluated at every centre: all local cases of held-out centres, the
@@ -162,6 +177,15 @@ class FederatedRun:
 
     # --------------------------------------------------------------------------------------
     def execute(self) -> dict:
+        """The whole run; on RunFailed, federation.json records the reason before it is raised."""
+        try:
+            return self._execute()
+        except RunFailed as err:
+            self.report["failed"] = str(err)
+            write_json(self.out / "federation.json", self.report)
+            raise
+
+    def _execute(self) -> dict:
         started = time.time()
         self.discover()
         self.log(f"centres: train {', '.join(self.settings.train_centers)}; "
@@ -318,8 +342,10 @@ class FederatedRun:
                 dst_node_id=self.centers[center], message_type="train.cls") for arm, (center, synthetic) in todo.items()}
             replies = self.exchange(messages)
             for arm, reply in replies.items():
-                if isinstance(reply, str):
-                    self.log(f"cls: arm {arm} failed at {todo[arm][0]}: {reply[:200]}")
+                problem = reply if isinstance(reply, str) else train_reply_problem(
+                    reply.content, initial, self.declared_cases.get(todo[arm][0]))
+                if problem:
+                    self.log(f"cls: arm {arm} failed at {todo[arm][0]}: {problem[:200]}")
                     continue
                 done[arm] = reply.content["arrays"]
                 self.checkpoints.save(f"cls-{arm}", 1, done[arm], {"metrics": dict(reply.content["metrics"])})
@@ -392,6 +418,11 @@ def summarize_round(entry: dict) -> str:
         errors = entry.get(kind, {}).get("errors", {})
         if errors:
             parts.append(f"{kind} errors at {', '.join(errors)}")
+        rejected = entry.get(kind, {}).get("rejected", {})
+        if rejected:
+            parts.append(f"{kind} replies dropped from {', '.join(rejected)}")
+        if entry.get(kind, {}).get("failed"):
+            parts.append("FAILED, global weights kept")
     return "; ".join(parts) or "no metrics"
 
 

@@ -64,12 +64,12 @@ def test_bad_settings_are_one_line_errors(config, message):
 def test_reply_whitelist_accepts_weights_and_scalars_only():
     weights = {"w": torch.ones(3)}
     ok = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 4, "dice": 0.9})})
-    assert check_reply(ok, model_keys={"w"}) is ok
+    assert check_reply(ok, model=weights) is ok
     with pytest.raises(PrivacyViolation, match="may not carry weights"):
         check_reply(RecordDict({"image": ArrayRecord({"ct": torch.zeros(8, 64, 64)})}))
-    with pytest.raises(PrivacyViolation, match="not exactly the model's weights"):
+    with pytest.raises(PrivacyViolation, match="not the model's weights: 0 missing, 1 unexpected"):
         check_reply(RecordDict({"arrays": ArrayRecord({"w": torch.ones(3), "mask": torch.zeros(4, 4)})}),
-                    model_keys={"w"})
+                    model=weights)
     with pytest.raises(PrivacyViolation, match="not a scalar"):
         check_reply(RecordDict({"metrics": MetricRecord({"per-case-prob": [0.1, 0.9, 0.4]})}))
     with pytest.raises(PrivacyViolation, match="values"):

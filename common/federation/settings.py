@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from common.errors import ConfigError
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 RATIOS = ("none", "1:1", "1:2")
 # Where the classifier's training and calibration ROIs (and fused markers) are cut: on the
 # reference masks (default; the segmentation's errors are then seen only at test time) or on the
@@ -57,6 +57,12 @@ class FederationSettings:
     synthesis: str = "1:2"
     arms: tuple[str, ...] = ("federated",)
     round_timeout_s: float = 3600.0
+    # Reply validation (server/guard.py): a round needs this many valid training replies (capped
+    # at the number of training centres), the run stops after more failed rounds than allowed,
+    # and a site's example-count weight is capped at this multiple of the median site's.
+    min_valid_replies: int = 2
+    max_failed_rounds: int = 1
+    max_weight_ratio: float = 2.0
     node_wait_s: float = 120.0
     out_dir: str = "runs/federation"
     resume: bool = True
@@ -89,6 +95,8 @@ class FederationSettings:
             raise ConfigError("dp-sgd-noise-multiplier with proximal-mu: DP-SGD has no proximal term; use fedavg")
         if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
             raise ConfigError("round-timeout-s and node-wait-s must be > 0")
+        if self.min_valid_replies < 1 or self.max_failed_rounds < 0 or self.max_weight_ratio < 1:
+            raise ConfigError("min-valid-replies must be >= 1, max-failed-rounds >= 0 and max-weight-ratio >= 1")
         unknown = set(self.test_centers) - set(self.centers) if self.centers else set()
         if unknown:
             raise ConfigError(f"test-centers {', '.join(sorted(unknown))} not among centers {', '.join(self.centers)}")

@@ -1,0 +1,218 @@
+"""Server-side reply validation, the round quorum and robust aggregation, driven through Flower's
+own `Strategy.start` over a stand-in Grid whose sites answer with real Flower messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.federation.records import PrivacyViolation, check_reply, weights_problem
+from server.guard import GuardedStrategy, RunFailed, cap_weights, train_reply_problem
+
+GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32), "steps": np.array(5, np.int64)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def honest(delta: float, n: int = 10):
+    """A site that adds `delta` to every float weight and reports `n` examples."""
+    def train(received: dict) -> tuple[dict, dict]:
+        out = {k: (v + delta).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in received.items()}
+        return out, {"num-examples": n, "train-loss": 1.0}
+    return train
+
+
+class Sites:
+    """A stand-in Grid: node i is centre `c{i}`; each site's function answers its train
+    messages (None: an error reply); evaluate messages get a plain metric reply."""
+
+    def __init__(self, behaviours: dict[int, object], eval_examples: int = 5):
+        self.behaviours = behaviours
+        self.eval_examples = eval_examples
+
+    def get_node_ids(self):
+        return list(self.behaviours)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if message.metadata.message_type.startswith("evaluate"):
+                replies.append(Message(RecordDict({"metrics": MetricRecord(
+                    {"num-examples": self.eval_examples, "dice": 0.5})}), reply_to=message))
+                continue
+            behaviour = self.behaviours[node]
+            if behaviour is None:
+                replies.append(Message(Error(code=1, reason="DataError: scans unreadable"), reply_to=message))
+                continue
+            received = {k: v.numpy() for k, v in message.content["arrays"].items()}
+            arrays, metrics = behaviour(received)
+            content = RecordDict({"arrays": arrays if isinstance(arrays, ArrayRecord) else record(arrays),
+                                  "metrics": MetricRecord(metrics)})
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def guarded(inner, n_sites: int, declared: int = 20, **kwargs) -> GuardedStrategy:
+    options = dict(min_valid=2, max_failed_rounds=1, max_weight_ratio=2.0, stage="seg", log=lambda _t: None)
+    options.update(kwargs)
+    return GuardedStrategy(inner, {i: f"c{i}" for i in range(1, n_sites + 1)},
+                           {f"c{i}": declared for i in range(1, n_sites + 1)}, **options)
+
+
+def fedavg(n: int) -> FedAvg:
+    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
+                  min_available_nodes=n)
+
+
+def run(strategy, sites: Sites, rounds: int = 1) -> dict[str, np.ndarray]:
+    result = strategy.start(grid=sites, initial_arrays=record(GLOBAL), num_rounds=rounds, timeout=10,
+                            train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    arrays = result.arrays if result.arrays else record(GLOBAL)  # empty: no round aggregated
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# One reply
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda a, m: a.update(w=np.zeros((32, 256, 256), np.float32)), "array 'w' is float32 [32, 256, 256], "
+                                                                     "the model's is float32 [4, 3]"),
+    (lambda a, m: a.update(w=np.zeros((4, 3), np.float64)), "array 'w' is float64 [4, 3]"),
+    (lambda a, m: a.pop("b"), "1 missing, 0 unexpected key(s) (e.g. missing 'b')"),
+    (lambda a, m: a.update({"case-017-scan": np.zeros(3, np.float32)}), "0 missing, 1 unexpected key(s)"),
+    (lambda a, m: a["w"].__setitem__((1, 1), np.nan), "1 array(s) hold NaN or infinite values (e.g. 'w')"),
+    (lambda a, m: a["b"].__setitem__(0, np.inf), "hold NaN or infinite values (e.g. 'b')"),
+    (lambda a, m: m.update({"num-examples": 0}), "num-examples 0: trained on no case this round"),
+    (lambda a, m: m.update({"num-examples": 1_000_000_000}), "num-examples 1000000000 exceeds the 20 case(s)"),
+    (lambda a, m: m.update({"num-examples": 2.5}), "num-examples 2.5 is not an integer"),
+    (lambda a, m: m.pop("num-examples"), "no num-examples"),
+    (lambda a, m: m.update({"dice": [0.1, 0.9]}), "metrics hold lists"),
+])
+def test_a_bad_training_reply_gets_a_one_line_reason_without_its_content(change, reason):
+    arrays = {k: v.copy() for k, v in GLOBAL.items()}
+    metrics = {"num-examples": 10, "train-loss": 0.5}
+    change(arrays, metrics)
+    problem = train_reply_problem(RecordDict({"arrays": record(arrays), "metrics": MetricRecord(metrics)}),
+                                  record(GLOBAL), declared_cases=20)
+    assert problem is not None and reason in problem and "\n" not in problem
+    assert "case-017" not in problem  # a site's own key names are never echoed
+    good = RecordDict({"arrays": record(GLOBAL), "metrics": MetricRecord({"num-examples": 10})})
+    assert train_reply_problem(good, record(GLOBAL), declared_cases=20) is None
+    assert "declared no case count" in train_reply_problem(good, record(GLOBAL), declared_cases=None)
+
+
+def test_reply_whitelist_checks_shapes_dtypes_and_value_types():
+    model = {"w": torch.ones(3, 3), "b": torch.ones(3)}
+    ok = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 3), "b": torch.zeros(3)}),
+                     "metrics": MetricRecord({"num-examples": 4, "dice": 0.9}),
+                     "info": ConfigRecord({"center": "hospital-A_2"})})
+    assert check_reply(ok, model) is ok
+    with pytest.raises(PrivacyViolation, match=r"'w' is float32 \[32, 256, 256\], the model's is float32 \[3, 3\]"):
+        check_reply(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(32, 256, 256), "b": torch.zeros(3)})}),
+                    model)
+    with pytest.raises(PrivacyViolation, match="'b' is int64"):
+        check_reply(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 3), "b": torch.zeros(3, dtype=torch.long)})}),
+                    model)
+    for config in ({"patient": "PAT-0017"}, {"center": "Doe^John 19700101"}, {"center": "x" * 65}):
+        with pytest.raises(PrivacyViolation, match="may be a string"):
+            check_reply(RecordDict({"info": ConfigRecord(config)}))
+    with pytest.raises(PrivacyViolation, match="not a scalar"):
+        check_reply(RecordDict({"info": ConfigRecord({"scan": b"\x00" * 64})}))
+    # The check against received weights is type and shape only; finiteness is the server's call.
+    nan = {"w": torch.full((3, 3), float("nan")), "b": torch.zeros(3)}
+    assert weights_problem(ArrayRecord(nan), model, finite=False) is None
+    assert "NaN" in weights_problem(ArrayRecord(nan), model)
+
+
+# ------------------------------------------------------------------------------------------
+# Rounds
+
+
+def test_a_nan_site_is_dropped_by_centre_and_the_round_aggregates_the_rest():
+    def poisoned(received):
+        arrays, metrics = honest(1.0)(received)
+        arrays["w"][0, 0] = np.nan
+        return arrays, metrics
+
+    sites = Sites({1: honest(1.0, n=10), 2: honest(3.0, n=30), 3: poisoned})
+    strategy = guarded(fedavg(3), 3, declared=40)
+    out = run(strategy, sites)
+    np.testing.assert_allclose(out["w"], 2.5)  # (1 x 10 + 3 x 30) / 40: the two valid sites
+    assert out["steps"].dtype == np.int64 and out["steps"] == 5  # int buffers keep their dtype
+    assert strategy.rounds[1]["rejected"] == {"c3": "1 array(s) hold NaN or infinite values (e.g. 'w')"}
+    assert strategy.rounds[1]["valid"] == ["c1", "c2"]
+    # Without validation the NaN reaches the global model.
+    assert np.isnan(run(fedavg(3), sites)["w"]).any()
+
+
+def test_a_wrong_shape_first_reply_is_dropped_instead_of_crashing_the_server():
+    def wrong(received):
+        return {**received, "w": np.ones((8, 3), np.float32)}, {"num-examples": 10, "train-loss": 1.0}
+
+    sites = Sites({1: wrong, 2: honest(1.0), 3: honest(2.0)})
+    with pytest.raises(ValueError):  # Flower alone: the shapes do not broadcast
+        run(fedavg(3), sites)
+    strategy = guarded(fedavg(3), 3)
+    np.testing.assert_allclose(run(strategy, sites)["w"], 1.5)
+    assert "array 'w' is float32 [8, 3], the model's is float32 [4, 3]" == strategy.rounds[1]["rejected"]["c1"]
+
+
+def test_inflated_num_examples_is_bounded_by_the_declared_cases_then_capped_at_twice_the_median():
+    sites = Sites({1: honest(1.0, n=10), 2: honest(1.0, n=10), 3: honest(101.0, n=1_000_000)})
+    # The site declared 20 cases at start-up: 1e6 examples is refused.
+    strategy = guarded(fedavg(3), 3, declared=20)
+    np.testing.assert_allclose(run(strategy, sites)["w"], 1.0)
+    assert "exceeds the 20 case(s)" in strategy.rounds[1]["rejected"]["c3"]
+    # It lied at start-up too: its weight is capped at 2 x the median (10), so it gets 20/40.
+    strategy = guarded(fedavg(3), 3, declared=10**9)
+    np.testing.assert_allclose(run(strategy, sites)["w"], 51.0)  # (1 x 10 + 1 x 10 + 101 x 20) / 40
+    assert strategy.rounds[1]["clipped"] == {"c3": [1e6, 20.0]}
+    np.testing.assert_allclose(run(fedavg(3), sites)["w"], 101.0, atol=0.01)  # unclipped: the liar's model
+    assert cap_weights([10, 30, 60], 2.0) == [10.0, 30.0, 60.0] and cap_weights([5, 5, 900], 3.0) == [5, 5, 15]
+
+
+def test_all_sites_with_zero_examples_fail_the_round_without_zero_division():
+    sites = Sites({1: honest(1.0, n=0), 2: honest(1.0, n=0), 3: honest(1.0, n=0)})
+    with pytest.raises(ZeroDivisionError):  # Flower alone
+        run(fedavg(3), sites)
+    strategy = guarded(fedavg(3), 3)
+    out = run(strategy, sites)  # one failed round is tolerated (max-failed-rounds 1): weights kept
+    np.testing.assert_array_equal(out["w"], GLOBAL["w"])
+    assert strategy.rounds[1]["failed"].startswith("0 valid training replies of 3, min-valid-replies is 2: "
+                                                   "c1 rejected (num-examples 0: trained on no case this round)")
+    # One honest zero-example site (a one-class site) is left out; the others aggregate.
+    mixed = guarded(fedavg(3), 3)
+    np.testing.assert_allclose(run(mixed, Sites({1: honest(1.0), 2: honest(3.0), 3: honest(9.0, n=0)}))["w"], 2.0)
+    # Evaluation replies with no examples are left out of the mean instead of dividing by zero.
+    assert guarded(fedavg(3), 3).aggregate_evaluate(1, []) is None
+    assert run(guarded(fedavg(2), 2), Sites({1: honest(1.0), 2: honest(1.0)}, eval_examples=0))["w"][0, 0] == 1.0
+
+
+def test_too_many_failed_rounds_stop_the_run_with_a_one_line_reason():
+    sites = Sites({1: None, 2: honest(1.0, n=0), 3: honest(1.0)})  # an error, an empty site, one valid
+    strategy = guarded(fedavg(3), 3, max_failed_rounds=1)
+    with pytest.raises(RunFailed) as err:
+        run(strategy, sites, rounds=3)
+    message = str(err.value)
+    assert message == ("seg round 2: 1 valid training reply of 3, min-valid-replies is 2: c2 rejected "
+                       "(num-examples 0: trained on no case this round); c1 failed; 2 failed round(s) "
+                       "> max-failed-rounds 1")
+    assert strategy.failed_rounds == 2 and strategy.aggregated_rounds == 0
+    # The quorum never asks for more sites than train.
+    assert guarded(fedavg(1), 1, min_valid=2).min_valid == 1
