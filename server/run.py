@@ -31,6 +31,8 @@ from server.grid import StageGrid, error_summary
 from server.guard import GuardedStrategy, RunFailed, train_reply_problem
 from server.strategies import build_strategy
 
+NOT_EVALUATED = "not evaluated: no node answered for this centre at start-up"
+
 
 class FederatedRun:
     def __init__(self, grid: Grid, settings: FederationSettings, log=None):
@@ -91,14 +93,27 @@ class FederatedRun:
             if isinstance(declared, (int, float)) and float(declared).is_integer() and declared >= 0:
                 self.declared_cases[center] = int(declared)
         missing = expected - set(centers)
-        if missing:
+        # A silent held-out centre is reported as not evaluated; a silent training centre stops the run.
+        if missing - set(self.settings.test_centers):
             raise ConfigError(f"no node answered for centre(s) {', '.join(sorted(missing))} within node-wait-s / "
                               f"round-timeout-s (answered: {', '.join(sorted(centers)) or 'none'}; "
                               f"{len(nodes)} node(s) connected)")
-        self.centers = {c: centers[c] for c in self.settings.node_centers}
-        self.report["centers"] = {c: {**counts[c], "role": "test" if c in self.settings.test_centers else "train"}
+        if missing:
+            self.log(f"held-out centre(s) {', '.join(sorted(missing))} did not answer within node-wait-s: "
+                     "not evaluated")
+        self.centers = {c: centers[c] for c in self.settings.node_centers if c in centers}
+        self.report["centers"] = {c: {**counts.get(c, {"not_evaluated": NOT_EVALUATED}),
+                                      "role": "test" if c in self.settings.test_centers else "train"}
                                   for c in self.settings.centers}
         return self.centers
+
+    @property
+    def test_nodes(self) -> dict[str, int]:
+        """Held-out centres whose node answered at start-up."""
+        return {c: self.centers[c] for c in self.settings.test_centers if c in self.centers}
+
+    def not_evaluated(self) -> dict[str, dict]:
+        return {c: {"error": NOT_EVALUATED} for c in self.settings.test_centers if c not in self.centers}
 
     # --------------------------------------------------------------------------------------
     def seg_architecture(self) -> dict:
@@ -130,11 +145,8 @@ class FederatedRun:
         strategy = GuardedStrategy(build_strategy(s, len(train_nodes)), train_nodes, self.declared_cases,
                                    s.min_valid_replies, s.max_failed_rounds, s.max_weight_ratio, stage, self.log)
 
-        def after_round(server_round: int, arrays: ArrayRecord):
-            if server_round == 0:
-                return None
-            global_round = start_round + server_round
-            entry = {"round": global_round}
+        def round_entry(server_round: int) -> dict:
+            entry = {"round": start_round + server_round}
             for kind in ("train", "evaluate"):
                 calls = stage_grid.rounds.get(f"{kind}.{action}", [])
                 if len(calls) >= server_round:
@@ -142,6 +154,13 @@ class FederatedRun:
             checks = strategy.rounds.get(server_round, {})
             entry.setdefault("train", {}).update({k: checks[k] for k in ("rejected", "clipped", "failed")
                                                   if checks.get(k)})
+            return entry
+
+        def after_round(server_round: int, arrays: ArrayRecord):
+            if server_round == 0:
+                return None
+            entry = round_entry(server_round)
+            global_round = entry["round"]
             history.append(entry)
             self.checkpoints.save(stage, global_round, arrays, {"history": history})
             self.progress(f"{stage}: round {global_round}/{num_rounds} done: {summarize_round(entry)}")
@@ -156,20 +175,24 @@ class FederatedRun:
                                                                   **extra}),
                                     evaluate_fn=after_round)
         except RunFailed:
+            history.append(round_entry(max(strategy.rounds)))  # the round that stopped the run
             self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round}
             raise
         self.report["stages"][stage] = {"rounds": history, "resumed_after": start_round,
                                         "aggregated_train": {str(k): dict(v) for k, v in result.train_metrics_clientapp.items()},
                                         "aggregated_validation": {str(k): dict(v) for k, v in
                                                                   result.evaluate_metrics_clientapp.items()}}
+        if num_rounds > 0 and all(entry.get("train", {}).get("failed") for entry in history):
+            raise RunFailed(f"{stage}: none of its {num_rounds} round(s) aggregated a valid reply, so its model is "
+                            "the initial weights; no model bundle is written")
         return result.arrays if result.arrays else initial  # empty: no round aggregated
 
     def evaluate_everywhere(self, stage: str, arrays: ArrayRecord) -> dict[str, dict]:
         """Final weights evaluated at every centre: all local cases of held-out centres, the
         validation split of training centres. Only aggregate metrics come back."""
-        results = {}
-        for split, centers in (("all", self.settings.test_centers), ("validation", self.settings.train_centers)):
-            nodes = {c: self.centers[c] for c in centers}
+        results = self.not_evaluated()
+        train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
+        for split, nodes in (("all", self.test_nodes), ("validation", train_nodes)):
             if nodes:
                 content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": split})})
                 results.update(self.send(f"evaluate.{stage}", nodes, content))
@@ -198,9 +221,14 @@ class FederatedRun:
         self.report["stages"].setdefault("seg", {})["final"] = self.evaluate_everywhere("seg", seg_arrays)
         self.progress("seg: final weights evaluated at every centre")
         bundle = self.out / "model"
-        save_checkpoint(bundle / "segmentation", seg_arrays.to_torch_state_dict(), arch,
-                        {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
-                         "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy})
+        # seg-rounds 0 leaves the segmentation untrained: no bundle then (`hemex predict` needs both models).
+        trained = self.settings.seg_rounds > 0
+        if not trained:
+            self.log("seg-rounds is 0: the segmentation model is untrained, so no model bundle is written")
+        if trained:
+            save_checkpoint(bundle / "segmentation", seg_arrays.to_torch_state_dict(), arch,
+                            {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
+                             "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy})
         self.report["model_bytes"] = {"seg": seg_arrays.count_bytes()}
         if self.settings.cls_rounds > 0 and self.settings.synthesis != "none":
             synth_started = time.time()
@@ -214,21 +242,22 @@ class FederatedRun:
             cls_arrays, operating_point = self.classifier(seg_arrays)
             self.report["timing"]["cls_seconds"] = time.time() - cls_started
             self.report["model_bytes"]["cls"] = cls_arrays.count_bytes()
-            save_classifier(bundle / "classifier", cls_arrays.to_torch_state_dict(),
-                            {"settings": self.cls.as_dict(), "windows": self.profile["preprocess"]["windows"],
-                             "calibration": {"method": "platt-binned", "a": operating_point["calib-a"],
-                                             "b": operating_point["calib-b"], "n": operating_point["n"]},
-                             "threshold": operating_point["threshold"],
-                             "train_centers": list(self.settings.train_centers), "rounds": self.settings.cls_rounds,
-                             "seed": self.settings.seed})
-            # Checksums, preprocessing and provenance: what `hemex predict` verifies and needs.
-            write_manifest(bundle, {"profile": self.profile["name"], "centers": list(self.settings.train_centers),
-                                    "held_out": list(self.settings.test_centers), "seed": self.settings.seed,
-                                    "seg_rounds": self.settings.seg_rounds, "cls_rounds": self.settings.cls_rounds,
-                                    "strategy": self.settings.strategy, "synthesis": self.settings.synthesis,
-                                    "cases": {c: info.get("num-cases") for c, info in self.report["centers"].items()
-                                              if c in self.settings.train_centers}},
-                           preprocessing=self.bundle_preprocessing())
+            if trained:
+                save_classifier(bundle / "classifier", cls_arrays.to_torch_state_dict(),
+                                {"settings": self.cls.as_dict(), "windows": self.profile["preprocess"]["windows"],
+                                 "calibration": {"method": "platt-binned", "a": operating_point["calib-a"],
+                                                 "b": operating_point["calib-b"], "n": operating_point["n"]},
+                                 "threshold": operating_point["threshold"],
+                                 "train_centers": list(self.settings.train_centers), "rounds": self.settings.cls_rounds,
+                                 "seed": self.settings.seed})
+                # Checksums, preprocessing and provenance: what `hemex predict` verifies and needs.
+                write_manifest(bundle, {"profile": self.profile["name"], "centers": list(self.settings.train_centers),
+                                        "held_out": list(self.settings.test_centers), "seed": self.settings.seed,
+                                        "seg_rounds": self.settings.seg_rounds, "cls_rounds": self.settings.cls_rounds,
+                                        "strategy": self.settings.strategy, "synthesis": self.settings.synthesis,
+                                        "cases": {c: info.get("num-cases") for c, info in self.report["centers"].items()
+                                                  if c in self.settings.train_centers}},
+                               preprocessing=self.bundle_preprocessing())
         self.report["timing"]["total_seconds"] = time.time() - started
         self.report["versions"] = {"hemex": __version__, **package_versions()}
         write_json(self.out / "federation.json", self.report)
@@ -271,11 +300,12 @@ class FederatedRun:
         self.progress(f"cls: operating points fixed on training-centre validation cases (federated: "
                       f"n={point['n']}, threshold {point['threshold']:.3f})")
         config = {f"{arm}.{k}": p[k] for arm, p in points.items() for k in ("calib-a", "calib-b", "threshold")}
-        test_nodes = {c: self.centers[c] for c in self.settings.test_centers}
+        test_nodes = self.test_nodes
         final = self.send("evaluate.cls", test_nodes, RecordDict(
             {**{f"arm.{a}": w for a, w in arms.items()}, "seg-arrays": seg_arrays,
              "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})}),
             per_arm=True) if test_nodes else {}
+        final.update(self.not_evaluated())
         self.progress(f"cls: {len(arms)} arm(s) scored at the held-out centres")
         stage = self.report["stages"].setdefault("cls", {})
         # The federated arm as before; every arm (histograms included) under "arms".

@@ -131,6 +131,8 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
     # One virtual node per centre with one CPU each; Ray runs as many at once as it has CPUs.
     federation = (f"num-supernodes={len(settings.node_centers)} client-resources-num-cpus=1 "
                   f"init-args-num-cpus={num_cpus}")
+    report_path = out / "federation.json"
+    report_path.unlink(missing_ok=True)  # a previous run's report must not pass for this one's
     superlink = start_superlink(flwr_home, port, out / "superlink.log")
     try:
         log_path = out / "flower.log"
@@ -150,12 +152,14 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
                     raise HemexError(f"federation exceeded {timeout_s:.0f} s; see {log_path}")
             process.wait()
         # `flwr run --stream` can stop streaming early on a busy SuperLink while the run goes on.
-        report_path = out / "federation.json"
         wait_for_run_end(port, report_path, deadline)
-        if process.returncode != 0 or not report_path.is_file():
+        report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
+        if report is not None and report.get("failed"):  # the ServerApp stopped the run (server/guard.py)
+            raise HemexError(f"federation stopped: {report['failed']}; see {report_path}")
+        if process.returncode != 0 or report is None:
             raise HemexError(f"federation failed ({last_error(log_path) or f'flwr exit {process.returncode}'}); "
                              f"see {log_path}")
-        return json.loads(report_path.read_text(encoding="utf-8"))
+        return report
     finally:
         stop(superlink)
         reap_runtime(port)

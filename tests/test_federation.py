@@ -55,6 +55,8 @@ def test_settings_round_trip_through_flower_run_config():
     ({"seg-round": 3}, "unknown run-config key(s) seg-round"),
     ({"seed": "abc"}, "run-config seed = 'abc'"),
     ({"cls-masks": "predicted"}, "cls-masks 'predicted' unknown"),
+    ({"min-valid-replies": 0}, "min-valid-replies must be >= 1"),
+    ({"max-weight-ratio": 0.5}, "max-weight-ratio >= 1"),
 ])
 def test_bad_settings_are_one_line_errors(config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

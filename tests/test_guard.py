@@ -127,8 +127,8 @@ def test_reply_whitelist_checks_shapes_dtypes_and_value_types():
         check_reply(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(32, 256, 256), "b": torch.zeros(3)})}),
                     model)
     with pytest.raises(PrivacyViolation, match="'b' is int64"):
-        check_reply(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 3), "b": torch.zeros(3, dtype=torch.long)})}),
-                    model)
+        wrong = {"w": torch.zeros(3, 3), "b": torch.zeros(3, dtype=torch.long)}
+        check_reply(RecordDict({"arrays": ArrayRecord(wrong)}), model)
     for config in ({"patient": "PAT-0017"}, {"center": "Doe^John 19700101"}, {"center": "x" * 65}):
         with pytest.raises(PrivacyViolation, match="may be a string"):
             check_reply(RecordDict({"info": ConfigRecord(config)}))
@@ -216,3 +216,85 @@ def test_too_many_failed_rounds_stop_the_run_with_a_one_line_reason():
     assert strategy.failed_rounds == 2 and strategy.aggregated_rounds == 0
     # The quorum never asks for more sites than train.
     assert guarded(fedavg(1), 1, min_valid=2).min_valid == 1
+
+
+# ------------------------------------------------------------------------------------------
+# The coordinator's run (server/run.py) over stand-in sites: quorum, bundle, missing centres
+
+
+class SiteGrid:
+    """A stand-in Grid for FederatedRun: node i is centre `names[i-1]` with 10 cases; `train`
+    answers its train.seg messages (None: an error reply)."""
+
+    def __init__(self, names: list[str], train):
+        self.nodes = {i: name for i, name in enumerate(names, start=1)}
+        self.train = train
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            center, kind = self.nodes[message.metadata.dst_node_id], message.metadata.message_type
+            if kind == "query.info":
+                content = RecordDict({"info": ConfigRecord({"center": center}),
+                                      "metrics": MetricRecord({"num-cases": 10})})
+            elif kind.startswith("evaluate"):
+                content = RecordDict({"metrics": MetricRecord({"num-examples": 3, "dice": 0.5})})
+            elif self.train(center) is None:
+                replies.append(Message(Error(code=1, reason="DataError: scans unreadable"), reply_to=message))
+                continue
+            else:
+                arrays = {k: v.numpy() + self.train(center) for k, v in message.content["arrays"].items()}
+                content = RecordDict({"arrays": record(arrays),
+                                      "metrics": MetricRecord({"num-examples": 8, "train-loss": 1.0})})
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def federated_run(tmp_path, grid, **overrides):
+    from common.federation.settings import FederationSettings
+    from server.run import FederatedRun
+
+    values = dict(centers=("h1", "h2", "h3", "h4"), test_centers=("h4",), profile="smoke", seg_rounds=2,
+                  cls_rounds=0, synthesis="none", out_dir=str(tmp_path / "run"), node_wait_s=1.0)
+    values.update(overrides)
+    return FederatedRun(grid, FederationSettings(**values), log=lambda _t: None)
+
+
+def test_a_run_whose_training_sites_all_fail_stops_and_writes_no_bundle(tmp_path):
+    import json
+
+    grid = SiteGrid(["h1", "h2", "h3", "h4"], train=lambda center: None)
+    with pytest.raises(RunFailed) as err:
+        federated_run(tmp_path, grid).execute()
+    assert str(err.value) == ("seg round 2: 0 valid training replies of 3, min-valid-replies is 2: h1 failed; "
+                              "h2 failed; h3 failed; 2 failed round(s) > max-failed-rounds 1")
+    report = json.loads((tmp_path / "run" / "federation.json").read_text(encoding="utf-8"))
+    assert report["failed"] == str(err.value)
+    rounds = report["stages"]["seg"]["rounds"]
+    assert [(r["round"], r["train"]["failed"][:29]) for r in rounds] == [(1, "0 valid training replies of 3"),
+                                                                        (2, "0 valid training replies of 3")]
+    assert set(rounds[0]["train"]["errors"]) == {"h1", "h2", "h3"}
+    assert not (tmp_path / "run" / "model").exists()
+    # One round, failed and tolerated: the stage would end on its initial weights, so the run stops.
+    with pytest.raises(RunFailed, match="seg: none of its 1 round.s. aggregated a valid reply.*no model bundle"):
+        federated_run(tmp_path, grid, seg_rounds=1, resume=False).execute()
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path):
+    grid = SiteGrid(["h1", "h2", "h3"], train=lambda center: 0.01)  # h4 (held out) never connects
+    report = federated_run(tmp_path, grid, seg_rounds=1).execute()
+    assert report["centers"]["h4"] == {"not_evaluated": "not evaluated: no node answered for this centre at "
+                                                        "start-up", "role": "test"}
+    final = report["stages"]["seg"]["final"]
+    assert final["h4"] == {"error": "not evaluated: no node answered for this centre at start-up"}
+    assert final["h1"]["dice"] == 0.5
+    assert (tmp_path / "run" / "model" / "segmentation").is_dir()
+    # A silent training centre still stops the run before any round.
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no node answered for centre.s. h3"):
+        federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01)).execute()

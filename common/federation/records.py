@@ -75,7 +75,8 @@ def weights_problem(record: ArrayRecord, model: Mapping, finite: bool = True) ->
     missing, unexpected = set(expected) - set(got), set(got) - set(expected)
     if missing or unexpected:
         example = f" (e.g. missing {sorted(missing)[0]!r})" if missing else ""
-        return f"arrays are not the model's weights: {len(missing)} missing, {len(unexpected)} unexpected key(s){example}"
+        return (f"arrays are not the model's weights: {len(missing)} missing, {len(unexpected)} unexpected "
+                f"key(s){example}")
     for key, (dtype, shape) in expected.items():
         if got[key] != (dtype, shape):
             return (f"array {key!r} is {got[key][0]} {list(got[key][1])}, the model's is {dtype} {list(shape)}")
