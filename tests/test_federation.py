@@ -79,8 +79,8 @@ def test_reply_whitelist_accepts_weights_and_scalars_only():
 
 
 @pytest.mark.parametrize("name, expected", [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam"),
-                                            ("fedmedian", "FedMedian"), ("fedtrimmedavg", "FedTrimmedAvg"),
-                                            ("krum", "Krum")])
+                                            ("fedmedian", "RobustMedian"), ("fedtrimmedavg", "RobustTrimmedAvg"),
+                                            ("krum", "RobustKrum"), ("multikrum", "RobustMultiKrum")])
 def test_strategies_by_name_with_optional_server_side_dp(name, expected):
     from server.strategies import build_strategy
 

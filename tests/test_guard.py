@@ -298,3 +298,74 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
 
     with pytest.raises(ConfigError, match="no node answered for centre.s. h3"):
         federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01)).execute()
+
+
+# ------------------------------------------------------------------------------------------
+# Robust aggregation at 3-5 sites with planted outliers
+
+
+def reply_from(node: int, arrays: dict, n: int = 10) -> Message:
+    request = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+    return Message(RecordDict({"arrays": record(arrays), "metrics": MetricRecord({"num-examples": n})}),
+                   reply_to=request)
+
+
+def honest_updates(n: int, seed: int = 0) -> list[dict]:
+    """Sites that agree on an update of +1 with per-site noise (sd 0.05), around a zero global model."""
+    rng = np.random.default_rng(seed)
+    return [{"w": (1.0 + 0.05 * rng.standard_normal((4, 3))).astype(np.float32),
+             "b": (1.0 + 0.05 * rng.standard_normal(50)).astype(np.float32)} for _ in range(n)]
+
+
+ATTACKS = {  # the global model is 0, so a site's weights are its update
+    "scaled x100": lambda h: ({k: 100 * v for k, v in h.items()}, 10),
+    "sign flip": lambda h: ({k: -v for k, v in h.items()}, 10),
+    "NaN": lambda h: ({k: np.full_like(v, np.nan) for k, v in h.items()}, 10),
+    "inflated num-examples": lambda h: ({k: 5 * v for k, v in h.items()}, 1_000_000),
+}
+
+
+def robust(name: str, n: int):
+    from common.federation.settings import FederationSettings
+    from server.strategies import build_strategy
+
+    return build_strategy(FederationSettings(strategy=name), n)
+
+
+@pytest.mark.parametrize("n_sites", [3, 4, 5])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_aggregate_stays_within_the_honest_sites_range_with_one_attacker(name, attack, n_sites):
+    """The bound: every coordinate of the aggregate lies within the honest sites' range, so it
+    is at most the honest spread (here <= 0.15) from the honest mean. FedAvg misses it by far."""
+    honest_sites = honest_updates(n_sites - 1)
+    poisoned, n_claimed = ATTACKS[attack](honest_updates(1, seed=99)[0])
+    replies = [reply_from(i + 1, h) for i, h in enumerate(honest_sites)] + [reply_from(n_sites, poisoned, n_claimed)]
+    arrays, _ = robust(name, n_sites).aggregate_train(1, replies)
+    for key in ("w", "b"):
+        stack = np.stack([h[key] for h in honest_sites])
+        value = arrays[key].numpy()
+        assert np.all(value >= stack.min(0) - 1e-6) and np.all(value <= stack.max(0) + 1e-6), (name, attack, key)
+        spread = np.abs(stack - stack.mean(0)).max()
+        assert spread <= 0.15 and np.abs(value - stack.mean(0)).max() <= spread
+    replies = [reply_from(i + 1, h) for i, h in enumerate(honest_sites)] + [reply_from(n_sites, poisoned, n_claimed)]
+    plain, _ = fedavg(n_sites).aggregate_train(1, replies)  # Flower's FedAvg, no validation
+    error = np.abs(plain["b"].numpy() - np.stack([h["b"] for h in honest_sites]).mean(0)).max()
+    assert not np.isfinite(error) or error > 0.3  # sign flip at 5 sites: ~2/5 of the update
+
+
+def test_robust_aggregators_at_hemex_site_counts():
+    from server.strategies import RobustKrum, assumed_attackers, robust_median, robust_trimmed_mean, trim_count
+
+    assert [trim_count(n) for n in (2, 3, 4, 5, 10)] == [0, 1, 1, 1, 2]  # Flower's beta=0.2: 0 below 5 sites
+    assert [assumed_attackers(n) for n in (3, 4, 5, 7)] == [1, 1, 1, 2]
+    layers = [np.array([1.0, 1.0]), np.array([2.0, np.nan]), np.array([3.0, np.inf]), np.array([400.0, 2.0])]
+    np.testing.assert_allclose(robust_median(layers), [2.5, 1.5])  # non-finite values ignored
+    np.testing.assert_allclose(robust_trimmed_mean(layers), [2.5, 1.5])  # 1 per side; too few finite: median
+    strategy = robust("krum", 3)
+    assert isinstance(strategy, RobustKrum) and strategy.num_malicious_nodes == 1
+    # Through the guard and Flower's start(): a x100 site at 3 sites moves the trimmed mean by
+    # less than the honest spread, while FedAvg moves by ~33.
+    sites = Sites({1: honest(1.00), 2: honest(1.04), 3: honest(100.0)})
+    assert abs(run(guarded(robust("fedtrimmedavg", 3), 3), sites)["w"][0, 0] - 1.02) <= 0.02
+    assert run(guarded(fedavg(3), 3), sites)["w"][0, 0] > 30
