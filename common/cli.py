@@ -153,6 +153,8 @@ def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
     synthetic cohort (generated once under --out, then reused) with its centre roles."""
     from common.federation.settings import FederationSettings, split_list
     from common.phantoms.cohort import load_cohort_spec
+    from common.data.contract import list_centers
+    from common.training.central import validate_centers
 
     cohort = None
     data = Path(args.data) if args.data else None
@@ -169,6 +171,14 @@ def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
             raise HemexError("--data needs --train-centers and --test-centers (comma-separated centre ids)")
         train = split_list(args.train_centers)
         test = split_list(args.test_centers) if args.test_centers else ()
+    # Before any Flower process starts: the data root and every named centre must exist.
+    if test or len(train) < 2:
+        validate_centers(data, train, test)
+    else:  # leave-one-out: checked as a fold holding out one (existing) training centre
+        held = next((c for c in train if c in list_centers(data)), train[0])
+        rest = list(train)
+        rest.remove(held)
+        validate_centers(data, tuple(rest), (held,))
     settings = FederationSettings(
         data_root=str(data.resolve()), centers=tuple(train) + tuple(test), test_centers=tuple(test),
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
@@ -266,7 +276,7 @@ def federation_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out, help="run folder")
     p.add_argument("--profile", default="cpu", help="profile in configs/profiles (cpu, gpu, smoke) or a TOML file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum, multikrum")
     p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal weight (with --strategy fedprox)")
     p.add_argument("--fedbn", action="store_true", help="keep normalisation layers local to each site (FedBN)")
     p.add_argument("--dp-noise-multiplier", type=float, default=0.0,

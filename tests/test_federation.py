@@ -619,3 +619,31 @@ def test_leave_one_out_holds_out_each_centre_once(tmp_path):
         assert fold.test_centers == (held,) and held not in fold.train_centers and len(fold.train_centers) == 2
         assert fold.out_dir == str(tmp_path / name / "federation")  # beside the single-fold federation/
     assert folds_of(settings, leave_one_out=False) == [("", settings)]
+
+
+@pytest.mark.parametrize("command", ["simulate", "federate"])
+def test_a_missing_data_root_or_misspelled_centre_fails_before_any_flower_process(tmp_path, capsys, command):
+    import time
+
+    from common.cli import main
+
+    data = tmp_path / "data"
+    for center in ("H1", "H2", "H3", "H4"):
+        (data / center).mkdir(parents=True)
+    out = tmp_path / "out"
+    cases = [(["--data", str(tmp_path / "nonexistent"), "--train-centers", "H1,H2", "--test-centers", "H3"],
+              f"{tmp_path / 'nonexistent'}: data root is not a folder"),
+             (["--data", str(data), "--train-centers", "H1,H2,HX", "--test-centers", "H4"],
+              f"--train-centers: unknown centre(s) HX in {data}; available: H1, H2, H3, H4"),
+             (["--data", str(data), "--train-centers", "H1,H2", "--test-centers", "H5"],
+              f"--test-centers: unknown centre(s) H5 in {data}; available: H1, H2, H3, H4")]
+    if command == "simulate":  # leave-one-out needs no --test-centers
+        cases.append((["--data", str(data), "--train-centers", "HX,H1,H2", "--leave-one-out"],
+                      f"--train-centers: unknown centre(s) HX in {data}; available: H1, H2, H3, H4"))
+    for args, message in cases:
+        started = time.monotonic()
+        assert main([command, *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"hemex {command}: error: {message}\n"
+        assert time.monotonic() - started < 5
+        assert not out.exists()  # no run folder, no Flower home: nothing was started
