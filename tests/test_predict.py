@@ -90,6 +90,38 @@ def test_dicom_series_mask_on_original_grid(bundle, tmp_path):
     assert result["outputs"]["dicom_seg"] == "mask.seg.dcm" and (tmp_path / "out" / "mask.seg.dcm").is_file()
 
 
+# Patient and study attributes that de-identification tools commonly remove (DICOM PS3.15 basic
+# profile: X / Z / D actions), Type 2 ones included.
+DEIDENTIFIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyDate", "StudyTime",
+                "SeriesDate", "SeriesTime", "ContentDate", "AcquisitionDate", "AccessionNumber",
+                "ReferringPhysicianName", "StudyID", "InstitutionName")
+
+
+def test_a_deidentified_dicom_series_gets_its_mask_result_report_and_seg(bundle, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    series = tmp_path / "deidentified"
+    io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 5.0)), series, "P004")
+    for path in io.dicom_series_files(series):
+        dataset = pydicom.dcmread(path)
+        for keyword in DEIDENTIFIED:
+            if keyword in dataset:
+                delattr(dataset, keyword)
+        dataset.save_as(path)
+    assert "PatientBirthDate" not in pydicom.dcmread(io.dicom_series_files(series)[0])
+    result = predict_case(bundle, series, tmp_path / "out")
+    check_outputs(tmp_path / "out", io.read_ct(series), bundle)
+    assert result["outputs"]["dicom_seg"] == "mask.seg.dcm"
+    seg = hd.seg.segread(tmp_path / "out" / "mask.seg.dcm")
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        assert keyword in seg and not seg.data_element(keyword).value, keyword  # present, empty (Type 2)
+    source = pydicom.dcmread(io.dicom_series_files(series)[0])
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert "PatientBirthDate" not in source  # the series on disk is left as it was
+
+
 def test_gantry_tilted_series_is_predicted_on_its_regular_grid(bundle, tmp_path):
     import highdicom as hd
 

@@ -28,6 +28,8 @@ def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_ver
     from pydicom.sr.codedict import codes
 
     sources = [pydicom.dcmread(f) for f in dicom_series_files(Path(series_folder))]
+    for source in sources:  # in memory only: the series on disk is never changed
+        fill_deidentified(source)
     try:
         stack = SliceStack.from_datasets(sources)
     except (AttributeError, ValueError, TypeError) as err:
@@ -49,6 +51,18 @@ def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_ver
     seg.save_as(tmp)
     os.replace(tmp, path)
     return path
+
+
+# Type 2 patient and study attributes highdicom copies from the source; de-identification
+# profiles commonly remove them. Absent ones are written empty in the SEG (Type 2 allows that).
+TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def fill_deidentified(dataset) -> None:
+    for keyword in TYPE2_COPIED:
+        if keyword not in dataset:
+            setattr(dataset, keyword, None)
 
 
 def segmentation(hd, sources, pixels: np.ndarray, segment):
