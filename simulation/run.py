@@ -117,9 +117,36 @@ def reap_runtime(port: int, grace_s: float = 30.0) -> None:
             pass
 
 
+def check_app_bundle(app_dir: Path = APP_DIR) -> int:
+    """Bytes of the app bundle (FAB) `flwr run` would build from `app_dir`, built by Flower's own
+    code; a one-line HemexError naming the biggest entries when it is over Flower's limit."""
+    import tomli
+    from flwr.cli.build import build_fab_from_disk, get_filtered_fab_paths
+    from flwr.cli.utils import collect_files, filter_paths_for_publish
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    try:
+        return len(build_fab_from_disk(app_dir))
+    except ValueError as err:
+        if "exceeds maximum" not in str(err):
+            raise HemexError(f"{app_dir / 'pyproject.toml'}: cannot build the app bundle: "
+                             f"{str(err).splitlines()[0]}") from None
+    files = filter_paths_for_publish(collect_files(app_dir.resolve()))
+    config = tomli.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    sizes: dict[str, int] = {}
+    for path in get_filtered_fab_paths(files, config):
+        top = path.split("/")[0] + ("/" if "/" in path else "")
+        sizes[top] = sizes.get(top, 0) + (app_dir / path).stat().st_size
+    biggest = sorted(sizes.items(), key=lambda item: -item[1])[:3]
+    raise HemexError(f"{app_dir}: the app bundle is over Flower's {FAB_MAX_SIZE / 2**20:.0f} MiB limit; biggest "
+                     f"entries: {', '.join(f'{name} {size / 2**20:.1f} MiB' for name, size in biggest)} (move "
+                     "them out of the app folder or add them to fab-exclude in pyproject.toml)")
+
+
 def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeout_s: float = 3600,
                          log=print) -> dict:
     """Run the hemex ServerApp/ClientApp over one virtual node per centre; return the report."""
+    check_app_bundle()  # before anything starts, not after the SuperLink refuses it
     out = Path(settings.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     flwr_home = out / "flwr-home"

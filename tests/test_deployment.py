@@ -544,3 +544,70 @@ def test_unregistered_supernode_is_refused(deployment):
     # The federation still holds exactly the three registered SuperNodes.
     listed = flwr_json(["supernode", "ls", CONNECTION], deployment["cli_env"], root)
     assert sorted(int(n["node-id"]) for n in listed["nodes"]) == sorted(deployment["node_ids"].values())
+
+
+# ------------------------------------------------------------------------------------------
+# The app bundle and the SuperNode's state (fast)
+
+
+def test_supernode_state_defaults_to_a_per_user_folder_outside_the_app(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / "flower-supernode"
+    fake.write_text('#!/usr/bin/env bash\necho "FLWR_HOME=$FLWR_HOME"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    for name in ("ca.crt", "c1.key"):
+        (tmp_path / name).write_text("x", encoding="utf-8")
+    (tmp_path / "c1.key").chmod(0o600)
+    (tmp_path / "data" / "c1").mkdir(parents=True)
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("XDG_STATE_HOME", None)
+    args = ["bash", str(SUPERNODE_SCRIPT), "--superlink", "127.0.0.1:8000", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "c1.key"), "--center", "c1", "--data-path", str(tmp_path / "data" / "c1")]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    home = tmp_path / "home" / ".local" / "state" / "hemex" / "supernode-c1" / "flwr-home"
+    assert done.stdout.strip() == f"FLWR_HOME={home}"
+    assert not (REPO / "supernode-c1").exists()  # started from the app folder, nothing lands in it
+    done = subprocess.run(args, cwd=tmp_path, env={**env, "XDG_STATE_HOME": str(tmp_path / "state")},
+                          capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == f"FLWR_HOME={tmp_path / 'state' / 'hemex' / 'supernode-c1' / 'flwr-home'}"
+
+
+def test_the_app_bundle_holds_only_the_apps_and_never_supernode_state():
+    import tomli
+    from flwr.cli.build import get_filtered_fab_paths
+    from flwr.cli.utils import collect_files, filter_paths_for_publish
+
+    from simulation.run import check_app_bundle
+
+    files = collect_files(REPO)
+    # SuperNode state left in the app folder by an older script (installed bundles, JSON, Python).
+    files.update({"supernode-center1/flwr-home/apps/x/server/run.py": b"", "supernode-center1/config.json": b"{}"})
+    config = tomli.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    paths = get_filtered_fab_paths(filter_paths_for_publish(files), config)
+    assert {p.split("/")[0] for p in paths} == {"client", "common", "configs", "server"}
+    assert "server/run.py" in paths and "configs/profiles/smoke.toml" in paths
+    assert check_app_bundle() < 2 * 2**20  # ~0.6 MiB, far below Flower's 10 MiB
+
+
+def test_an_oversized_app_bundle_is_a_one_line_error_naming_the_biggest_entries(tmp_path):
+    from common.errors import HemexError
+    from simulation.run import check_app_bundle
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "app"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "x"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "app:server"\nclientapp = "app:client"\n\n'
+        '[tool.flwr.app.config]\nseed = 0\n', encoding="utf-8")
+    (tmp_path / "app.py").write_text("x = 1\n", encoding="utf-8")
+    state = tmp_path / "supernode-center1" / "flwr-home"
+    state.mkdir(parents=True)
+    (state / "bundle.json").write_text(os.urandom(6 * 2**20).hex(), encoding="utf-8")  # 12 MiB, ~6 zipped
+    (tmp_path / "notes.md").write_text(os.urandom(3 * 2**20).hex(), encoding="utf-8")
+    with pytest.raises(HemexError) as err:
+        check_app_bundle(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path}: the app bundle is over Flower's 10 MiB limit; biggest entries: "
+                              "supernode-center1/ 12.0 MiB, notes.md 6.0 MiB, app.py 0.0 MiB")

@@ -14,7 +14,8 @@
 # --port       local port of the SuperNode's runtime API (loopback only; default 9094); each
 #              SuperNode on one machine needs its own
 # --state      folder for this SuperNode's Flower home (installed app bundles); default
-#              ./supernode-<center>
+#              ${XDG_STATE_HOME:-~/.local/state}/hemex/supernode-<center>, outside any app folder
+#              (state inside the app would be packed into the next app bundle)
 #
 # Scans never leave the site: the ClientApp reads --data-path locally and replies with model
 # weights and aggregate metrics only. The script execs flower-supernode (signals reach it).
@@ -53,7 +54,7 @@ fi
 # found beside flower-supernode, i.e. in the hemex environment (runtime installs are off).
 supernode="$(command -v flower-supernode)" || die "flower-supernode not found on PATH; activate the hemex environment"
 export PATH="$(dirname "$supernode"):$PATH"
-state="${state:-./supernode-$center}"
+state="${state:-${XDG_STATE_HOME:-$HOME/.local/state}/hemex/supernode-$center}"
 mkdir -p "$state"
 export FLWR_HOME="$(cd "$state" && pwd)/flwr-home"
 data_path="$(cd "$data_path" && pwd)"
