@@ -11,6 +11,7 @@ Handlers (message type -> what the site does on its own data):
                  federated segmentation model; validation logits only as class histograms
 
 Every reply passes `check_reply`: model weights and aggregate scalars, nothing per patient.
+A handler's exception leaves the site only as its class, a short code and a digest (`client/errors.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import SimpleITK as sitk
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.errors import site_errors
 from client.site import Site, site_from_context
 from common.data.preprocess import load_case, resample_sample
 from common.federation import binned
@@ -38,7 +40,7 @@ from common.training.postprocess import refine_boundary
 from common.training.privacy import DPSettings, train_classifier_dp
 from common.training.segmentation import seed_everything, train_segmentation
 
-app = ClientApp()
+app = ClientApp(mods=[site_errors])
 
 
 def reply(message: Message, content: RecordDict, model=None) -> Message:

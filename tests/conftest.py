@@ -101,6 +101,17 @@ def enhanced_dicom(series, folder, drop: int | None = None):
 
 
 @pytest.fixture
+def task_identity():
+    """Messages outside a Flower runtime need a task identity; restore it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
 def enhanced_copy():
     """The enhanced_dicom converter, for tests of multi-frame DICOM input."""
     return enhanced_dicom

@@ -117,12 +117,8 @@ class RecordingGrid:
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Messages outside a Flower runtime need a task identity; restore it afterwards."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def _identity(task_identity):
+    """Every test here may build Flower messages (conftest's task_identity)."""
 
 
 def test_stage_grid_never_sends_to_held_out_nodes():
@@ -295,12 +291,12 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
     """A small hospital with no HE case: synthesis is skipped with its reason, a federated round
     returns the global weights with weight 0 and the same metric keys as a trained site (Flower
     aggregates only uniform replies), its one-class validation has AUC NaN with the same keys,
-    and a local-only arm there fails with the reason instead of reporting an untrained model."""
+    and a local-only arm there fails (sanitized: class, source line, digest) instead of reporting an
+    untrained model."""
     import csv
 
     import client.app as client_app
     from client.site import Site
-    from common.errors import DataError
 
     data = Path(shutil.copytree(tiny, tmp_path / "data"))
     table = data / "center1" / "cases.csv"
@@ -330,8 +326,8 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
     assert set(one_class) == set(two_class) and np.isnan(one_class["auc"])
 
     local = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1, "epochs": 1, "arm": "local-center1"})})
-    with pytest.raises(DataError, match="needs both classes, got 0 HE"):
-        call_client(client_app.app, "train.cls", local, 0, settings)
+    failed = call_client(client_app.app, "train.cls", local, 0, settings)  # the site's log has "needs both classes"
+    assert failed.error.reason.startswith("DataError: site error in train.cls at classification.py:")
 
 
 @pytest.mark.slow

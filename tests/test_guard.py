@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.federation.records import PrivacyViolation, check_reply, weights_problem
 from server.guard import GuardedStrategy, RunFailed, cap_weights, train_reply_problem
@@ -16,12 +15,7 @@ from server.guard import GuardedStrategy, RunFailed, cap_weights, train_reply_pr
 GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32), "steps": np.array(5, np.int64)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def record(arrays: dict) -> ArrayRecord:
