@@ -11,6 +11,8 @@ Handlers (message type -> what the site does on its own data):
                  federated segmentation model; validation logits only as class histograms
 
 Every reply passes `check_reply`: model weights and aggregate scalars, nothing per patient.
+Aggregates of fewer than min-aggregate-cases cases are withheld (counts and `withheld` = 1 only),
+and a site scores at most max-cls-scorings classifier models per run.
 A handler's exception leaves the site only as its class, a short code and a digest (`client/errors.py`).
 """
 
@@ -24,10 +26,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.errors import site_errors
-from client.site import Site, site_from_context
+from client.site import Site, privacy_limits, site_from_context
 from common.data.preprocess import load_case, resample_sample
 from common.federation import binned
-from common.federation.records import check_reply, from_record, load_global, norm_keys, to_record
+from common.federation.records import (WITHHELD, PrivacyViolation, check_reply, from_record, load_global, norm_keys,
+                                       to_record)
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model
 from common.training.evaluation import evaluate_segmentation
@@ -113,7 +116,9 @@ def evaluate_seg(message: Message, context: Context) -> Message:
     model = seg_model(site)
     receive_global(model, message.content["arrays"], context, "seg", site.settings.fedbn)
     metrics = {"num-examples": len(cases)}
-    if cases:
+    if small_group(context, site, len(cases)):
+        metrics[WITHHELD] = 1
+    elif cases:
         # A held-out centre (every case) also scores the mask hemex delivers, on each scan's own grid.
         by_key = {(c.center, c.case_id): c for c in cases}
         native = (lambda s: load_case(by_key[(s.center, s.case_id)], spacing=None)) if split == "all" else None
@@ -131,6 +136,25 @@ def evaluate_seg(message: Message, context: Context) -> Message:
             metrics.update({"dice-native": overall["dice_native"]["mean"],
                             "vol-mae-native-ml": overall["abs_vol_err_native_ml"]["mean"]})
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+
+
+SCORINGS_KEY = "cls-scorings"  # classifier models scored so far in this run (node context state)
+
+
+def small_group(context: Context, site: Site, n: int) -> bool:
+    """True when n cases are too few to report aggregates of (a Dice summary or a histogram of
+    a handful of cases is each case's own value)."""
+    return 0 < n < privacy_limits(context.node_config, site.settings)[0]
+
+
+def spend_scorings(context: Context, site: Site, n: int) -> None:
+    """Count n classifier scorings against the run's bound: many thresholds or slightly different
+    models scored on the same cases would reveal each case's score."""
+    cap = privacy_limits(context.node_config, site.settings)[1]
+    used = int(context.state[SCORINGS_KEY]["used"]) if SCORINGS_KEY in context.state else 0
+    if used + n > cap:
+        raise PrivacyViolation(f"scoring {n} more classifier model(s) after {used} would exceed max-cls-scorings {cap}")
+    context.state[SCORINGS_KEY] = MetricRecord({"used": used + n})
 
 
 def _finite(value) -> float:
@@ -307,6 +331,9 @@ def evaluate_cls(message: Message, context: Context) -> Message:
     labels = np.array([r.he for r in rois], dtype=int)
     counts = {"num-examples": len(rois), "num-he": int(labels.sum()), "num-excluded": len(dataset.excluded)}
     arms = {k[len("arm."):]: r for k, r in message.content.array_records.items() if k.startswith("arm.")}
+    if small_group(context, site, len(rois)):
+        return reply(message, RecordDict({"metrics": MetricRecord({**counts, WITHHELD: 1})}))
+    spend_scorings(context, site, max(1, len(arms)))
     if not arms:
         model = cls_model(site)
         receive_global(model, message.content["arrays"], context, state_stage(str(config.get("arm", "federated"))),

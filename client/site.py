@@ -118,6 +118,26 @@ def _or_reference(mask_provider):
     return provide
 
 
+def privacy_limits(node_config: dict, settings: FederationSettings) -> tuple[int, int]:
+    """(min-aggregate-cases, max-cls-scorings): the run's values, tightened where the site's own
+    node-config sets them (a coordinator cannot loosen a site's limits)."""
+    limits = []
+    for key, run_value, tighter in (("min-aggregate-cases", settings.min_aggregate_cases, max),
+                                    ("max-cls-scorings", settings.max_cls_scorings, min)):
+        value = node_config.get(key)
+        if value is None:
+            limits.append(run_value)
+            continue
+        try:
+            site_value = int(value)
+        except (TypeError, ValueError):
+            site_value = 0
+        if site_value < 1 or str(value).strip() != str(site_value):
+            raise ConfigError(f"node-config {key} = {value!r}: expected an integer >= 1")
+        limits.append(tighter(run_value, site_value))
+    return limits[0], limits[1]
+
+
 def site_from_context(node_config: dict, run_config: dict) -> Site:
     settings = FederationSettings.from_run_config(run_config)
     work_dir = ""

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import HemexError
-from common.federation.records import weights_problem
+from common.federation.records import WITHHELD, weights_problem
 
 WEIGHT_KEY = "num-examples"
 
@@ -177,14 +177,16 @@ class GuardedStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Mean of the sites' validation metrics over the replies with examples (per-centre
-        metrics are in the round's report either way); None when no site had any."""
+        """Mean of the sites' validation metrics over the replies with examples and aggregates
+        (per-centre metrics are in the round's report either way); None when no site had any."""
         usable = []
         for reply in replies:
             if reply.has_error() or len(reply.content.metric_records) != 1:
                 continue
             metrics = _metrics(reply.content)
             n = metrics.get(WEIGHT_KEY)
+            if metrics.get(WITHHELD):  # too few cases for aggregates: counts only
+                continue
             if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 and \
                     not any(isinstance(v, list) for v in metrics.values()):
                 usable.append(reply)

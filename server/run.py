@@ -18,7 +18,7 @@ from common.config import load_profile
 from common.errors import ConfigError
 from common.federation import binned
 from common.inference.bundle import preprocessing_from_profile, write_manifest
-from common.federation.records import to_record
+from common.federation.records import WITHHELD, to_record
 from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
 from common.training.checkpoint import architecture, build_model, save_checkpoint
@@ -421,6 +421,9 @@ def arm_view(metrics: dict, arm: str) -> dict:
     if "error" in metrics:
         return {"error": metrics["error"]}
     counts = {k: v for k, v in metrics.items() if k != "arms"}
+    if metrics.get(WITHHELD):
+        return {**counts, "error": f"withheld by the site: {int(metrics.get('num-examples', 0))} case(s), fewer "
+                                   "than min-aggregate-cases"}
     return {**counts, **metrics.get("arms", {}).get(arm, {"error": "arm not scored"})}
 
 

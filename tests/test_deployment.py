@@ -464,9 +464,11 @@ def test_federation_over_tls_with_authenticated_supernodes(deployment):
     assert status == {node: "online" for node in deployment["node_ids"].values()}
 
     out = root / "run-out"
-    # One segmentation round; no classifier stage (cls-rounds=0) to keep it short.
+    # One segmentation round; no classifier stage (cls-rounds=0) to keep it short. Two-case sites:
+    # min-aggregate-cases 1, or every Dice would be withheld.
     run_config = {"centers": ",".join(CENTERS), "test-centers": HELD_OUT, "profile": "smoke", "seg-rounds": 1,
-                  "cls-rounds": 0, "out-dir": str(out), "node-wait-s": 120.0, "round-timeout-s": 300.0}
+                  "cls-rounds": 0, "out-dir": str(out), "node-wait-s": 120.0, "round-timeout-s": 300.0,
+                  "min-aggregate-cases": 1}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     started = flwr_json(["run", str(REPO), CONNECTION, "--run-config", overrides], env, root, timeout=300)
     assert started["success"], started

@@ -283,7 +283,9 @@ def flower_processes() -> list[int]:
     return pids
 
 
-STUDY = ["--profile", "smoke", "--seg-rounds", "2", "--cls-rounds", "1", "--synthesis", "1:2", "--seed", "0"]
+# The tiny cohort's sites validate on 1-3 cases: aggregates that small are withheld by default.
+STUDY = ["--profile", "smoke", "--seg-rounds", "2", "--cls-rounds", "1", "--synthesis", "1:2", "--seed", "0",
+         "--min-aggregate-cases", "1"]
 
 
 @pytest.mark.slow
@@ -305,7 +307,7 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(dict(r, he="0") for r in rows)
-    settings = settings_for(data, tmp_path / "out", cls_rounds=1, synthesis="1:2")
+    settings = settings_for(data, tmp_path / "out", cls_rounds=1, synthesis="1:2", min_aggregate_cases=1)
     synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
     assert dict(synth.content["metrics"]) == {"num-kept": 0, "num-needed": 0, "skipped-he-cases": 0}
 

@@ -20,6 +20,7 @@ NORM_TYPES = (nn.InstanceNorm3d, nn.InstanceNorm2d, nn.BatchNorm3d, nn.BatchNorm
 MAX_METRICS = 64  # aggregate summaries are small; a long record smells like per-case data
 REPLY_STRINGS = {"center"}  # the only string a reply carries: the site's centre id (query.info)
 SAFE_STRING = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+WITHHELD = "withheld"  # metric = 1: the reply holds counts only (fewer cases than min-aggregate-cases)
 
 
 class PrivacyViolation(RuntimeError):

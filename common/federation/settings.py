@@ -63,6 +63,11 @@ class FederationSettings:
     min_valid_replies: int = 2
     max_failed_rounds: int = 1
     max_weight_ratio: float = 2.0
+    # Small groups (client/app.py): a site withholds every aggregate of fewer cases (it sends the
+    # counts and withheld = 1), and scores at most this many classifier models (round
+    # evaluations and final arms) per run. A site's node-config may tighten both, never loosen.
+    min_aggregate_cases: int = 5
+    max_cls_scorings: int = 32
     node_wait_s: float = 120.0
     out_dir: str = "runs/federation"
     resume: bool = True
@@ -97,6 +102,12 @@ class FederationSettings:
             raise ConfigError("round-timeout-s and node-wait-s must be > 0")
         if self.min_valid_replies < 1 or self.max_failed_rounds < 0 or self.max_weight_ratio < 1:
             raise ConfigError("min-valid-replies must be >= 1, max-failed-rounds >= 0 and max-weight-ratio >= 1")
+        if self.min_aggregate_cases < 1 or self.max_cls_scorings < 1:
+            raise ConfigError("min-aggregate-cases and max-cls-scorings must be >= 1")
+        if self.cls_scorings_needed > self.max_cls_scorings:
+            raise ConfigError(f"cls-rounds {self.cls_rounds} with arms {','.join(self.arms)} ask each training site to "
+                              f"score {self.cls_scorings_needed} classifier models, over max-cls-scorings "
+                              f"{self.max_cls_scorings}")
         unknown = set(self.test_centers) - set(self.centers) if self.centers else set()
         if unknown:
             raise ConfigError(f"test-centers {', '.join(sorted(unknown))} not among centers {', '.join(self.centers)}")
@@ -106,6 +117,17 @@ class FederationSettings:
     @property
     def train_centers(self) -> tuple[str, ...]:
         return tuple(c for c in self.centers if c not in self.test_centers)
+
+    @property
+    def cls_scorings_needed(self) -> int:
+        """Classifier models a training site scores in a run: one per round of each arm trained in
+        rounds, then every arm once on its validation cases (held-out sites score only the arms)."""
+        if self.cls_rounds == 0:
+            return 0
+        no_synthesis = "no-synthesis" in self.arms and self.synthesis != "none"
+        n_train = len(self.train_centers) if self.centers else 1
+        arms = 1 + no_synthesis + ("local" in self.arms) * n_train + ("centralized" in self.arms)
+        return self.cls_rounds * (1 + no_synthesis) + arms
 
     @property
     def node_centers(self) -> tuple[str, ...]:
