@@ -184,7 +184,7 @@ def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
         dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
         seg_rounds=args.seg_rounds, seg_epochs=args.seg_epochs, cls_rounds=args.cls_rounds, cls_epochs=args.cls_epochs,
-        synthesis=args.synthesis, min_aggregate_cases=args.min_aggregate_cases, out_dir=str((Path(args.out) / "federation").resolve()))
+        synthesis=args.synthesis, min_aggregate_cases=args.min_aggregate_cases, resume=not args.fresh, out_dir=str((Path(args.out) / "federation").resolve()))
     return settings, cohort
 
 
@@ -287,6 +287,8 @@ def federation_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--cls-rounds", type=int, default=3)
     p.add_argument("--cls-epochs", type=int, default=4, help="local classifier epochs per round")
     p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
+    p.add_argument("--fresh", action="store_true",
+                   help="start afresh instead of resuming from --out's checkpoints (resume = false)")
     p.add_argument("--min-aggregate-cases", type=int, default=5,
                    help="sites withhold aggregates (metrics, Dice summaries, histograms) of fewer cases")
 

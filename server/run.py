@@ -26,7 +26,7 @@ from common.training.classification import ClassifierSettings, save_classifier
 from common.training.classification import create_model as create_classifier_model
 from common.training.segmentation import seed_everything
 from common.training.settings import SegmentationSettings
-from server.checkpoint import ServerCheckpoints
+from server.checkpoint import ServerCheckpoints, training_settings
 from server.grid import StageGrid, error_summary
 from server.guard import GuardedStrategy, RunFailed, train_reply_problem
 from server.strategies import build_strategy
@@ -41,8 +41,8 @@ class FederatedRun:
         self.log = log or (lambda text: print(f"hemex: {text}", flush=True))
         self.out = Path(settings.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = ServerCheckpoints(self.out / "checkpoints")
         self.profile = load_profile(settings.profile)
+        self.checkpoints = ServerCheckpoints(self.out / "checkpoints", training_settings(settings, self.profile))
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
         self.cls = ClassifierSettings.from_profile(self.profile)
@@ -210,6 +210,10 @@ class FederatedRun:
 
     def _execute(self) -> dict:
         started = time.time()
+        if self.settings.resume:
+            self.checkpoints.verify()
+        else:
+            self.checkpoints.clear()
         self.discover()
         self.log(f"centres: train {', '.join(self.settings.train_centers)}; "
                  f"held out {', '.join(self.settings.test_centers) or 'none'}")

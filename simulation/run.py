@@ -21,6 +21,7 @@ import httpx
 
 from common.errors import HemexError
 from common.federation.settings import FederationSettings
+from server.checkpoint import ServerCheckpoints, training_settings
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: this repository (pyproject.toml)
 BIN_DIR = Path(sys.executable).parent  # Flower's executables live beside this interpreter
@@ -149,6 +150,8 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
     check_app_bundle()  # before anything starts, not after the SuperLink refuses it
     out = Path(settings.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if settings.resume:  # checkpoints of other settings: one line now, not after the SuperLink starts
+        ServerCheckpoints(out / "checkpoints", training_settings(settings)).verify()
     flwr_home = out / "flwr-home"
     port = free_port()
     write_flower_config(flwr_home, port)

@@ -291,7 +291,7 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
     from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no node answered for centre.s. h3"):
-        federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01)).execute()
+        federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01), seg_rounds=1).execute()
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,3 +363,68 @@ def test_robust_aggregators_at_hemex_site_counts():
     sites = Sites({1: honest(1.00), 2: honest(1.04), 3: honest(100.0)})
     assert abs(run(guarded(robust("fedtrimmedavg", 3), 3), sites)["w"][0, 0] - 1.02) <= 0.02
     assert run(guarded(fedavg(3), 3), sites)["w"][0, 0] > 30
+
+
+# ------------------------------------------------------------------------------------------
+# Resume only under the settings that wrote the checkpoints
+
+
+class CountingGrid(SiteGrid):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent = []
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent += [m.metadata.message_type for m in messages]
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_resume_under_other_settings_is_refused_naming_the_keys(tmp_path):
+    import json
+
+    from common.errors import ConfigError
+
+    def grid():
+        return CountingGrid(["h1", "h2", "h3", "h4"], train=lambda center: 0.01)
+
+    first = federated_run(tmp_path, grid(), seg_rounds=1).execute()
+    assert first["stages"]["seg"]["resumed_after"] == 0
+    # Another seed, or more rounds: one line naming what differs, before any site is contacted.
+    for overrides, named in (({"seed": 1}, "seed 0 -> 1"), ({"seg_rounds": 2}, "seg-rounds 1 -> 2"),
+                             ({"strategy": "fedmedian", "fedbn": True}, "fedbn False -> True, strategy 'fedavg' "
+                                                                        "-> 'fedmedian'")):
+        refused = grid()
+        with pytest.raises(ConfigError) as err:
+            federated_run(tmp_path, refused, seg_rounds=overrides.pop("seg_rounds", 1), **overrides).execute()
+        assert str(err.value) == (f"{tmp_path / 'run' / 'checkpoints' / 'seg.json'}: cannot resume from this "
+                                  f"checkpoint, settings differ: {named}; resume = false (hemex --fresh) starts "
+                                  "afresh, or use another out-dir")
+        assert refused.sent == []
+    # Where things are and how long to wait may change: the run resumes after round 1.
+    resumed = grid()
+    again = federated_run(tmp_path, resumed, seg_rounds=1, node_wait_s=5.0, round_timeout_s=60.0).execute()
+    assert again["stages"]["seg"]["resumed_after"] == 1 and "train.seg" not in resumed.sent
+    # A profile whose contents changed (same name) is another run too.
+    profile = tmp_path / "profiles" / "smoke.toml"
+    profile.parent.mkdir()
+    from common.config import CONFIG_DIR
+
+    text = (CONFIG_DIR / "profiles" / "smoke.toml").read_text(encoding="utf-8")
+    profile.write_text(text.replace("steps_per_epoch = 3", "steps_per_epoch = 4", 1), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"settings differ: profile.segmentation.steps_per_epoch 3 -> 4;"):
+        federated_run(tmp_path, grid(), seg_rounds=1, profile=str(profile)).execute()
+    # resume = false starts afresh and stamps the checkpoints with the new settings.
+    stale = tmp_path / "run" / "checkpoints" / "cls.json"
+    stale.write_text("{}")  # another stage's record: dropped with the rest
+    fresh = grid()
+    report = federated_run(tmp_path, fresh, seg_rounds=1, seed=1, resume=False).execute()
+    assert not stale.exists()
+    assert report["stages"]["seg"]["resumed_after"] == 0 and "train.seg" in fresh.sent
+    assert federated_run(tmp_path, grid(), seg_rounds=1, seed=1).execute()["stages"]["seg"]["resumed_after"] == 1
+    # A checkpoint without a fingerprint (an older hemex) is refused as well.
+    path = tmp_path / "run" / "checkpoints" / "seg.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("fingerprint", "settings")}))
+    with pytest.raises(ConfigError, match="it has no settings fingerprint; resume = false"):
+        federated_run(tmp_path, grid(), seg_rounds=1, seed=1).execute()
