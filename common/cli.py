@@ -130,7 +130,9 @@ def cmd_certs(args) -> int:
     rows = [("ca.crt", "CA certificate: for every site, and flwr's root-certificates"),
             ("ca.key", "CA private key: keep it offline"),
             ("server.crt", f"SuperLink TLS certificate for {', '.join(pki.hosts)}"),
-            ("server.key", "SuperLink TLS private key: coordinator only")]
+            ("server.key", "SuperLink TLS private key: coordinator only"),
+            ("bundle.key", "Ed25519 key that signs model bundles: coordinator only (run-config bundle-key)"),
+            ("bundle.pub", "its public key: sites trust it (hemex predict --trusted-key)")]
     for node in pki.node_keys:
         rows += [(f"nodes/{node}.key", f"SuperNode key of {node} (ECDSA SECP384R1, OpenSSH): site {node} only"),
                  (f"nodes/{node}.pub", "its public key: the coordinator registers it")]
@@ -184,7 +186,9 @@ def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
         dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
         seg_rounds=args.seg_rounds, seg_epochs=args.seg_epochs, cls_rounds=args.cls_rounds, cls_epochs=args.cls_epochs,
-        synthesis=args.synthesis, min_aggregate_cases=args.min_aggregate_cases, resume=not args.fresh, out_dir=str((Path(args.out) / "federation").resolve()))
+        synthesis=args.synthesis, min_aggregate_cases=args.min_aggregate_cases, resume=not args.fresh,
+        bundle_key=str(Path(args.bundle_key).resolve()) if args.bundle_key else "",
+        out_dir=str((Path(args.out) / "federation").resolve()))
     return settings, cohort
 
 
@@ -257,10 +261,14 @@ def cmd_predict(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from common.inference.bundle import load_bundle
+    from common.inference.bundle import TRUSTED_KEY_ENV, load_bundle, trusted_key_path
     from common.inference.predict import predict_inputs
 
-    bundle = load_bundle(Path(args.model))
+    trusted = trusted_key_path(args.trusted_key)
+    if trusted is None:
+        print(f"hemex predict: warning: the model bundle is checked against its checksums only; give --trusted-key "
+              f"(or set {TRUSTED_KEY_ENV}) to verify the coordinator's signature", file=sys.stderr)
+    bundle = load_bundle(Path(args.model), trusted_key=trusted)
     summary = predict_inputs(bundle, Path(args.input), Path(args.out), log=lambda line: print(line, flush=True))
     ok = len(summary["cases"]) - summary["failed"]
     print(f"Predicted {ok} of {len(summary['cases'])} case(s) with model {bundle.version}; "
@@ -287,6 +295,8 @@ def federation_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--cls-rounds", type=int, default=3)
     p.add_argument("--cls-epochs", type=int, default=4, help="local classifier epochs per round")
     p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
+    p.add_argument("--bundle-key", default="",
+                   help="Ed25519 key (hemex certs: bundle.key) that signs the model bundle")
     p.add_argument("--fresh", action="store_true",
                    help="start afresh instead of resuming from --out's checkpoints (resume = false)")
     p.add_argument("--min-aggregate-cases", type=int, default=5,
@@ -385,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model bundle folder (segmentation/, classifier/, manifest.json)")
     p.add_argument("--out", required=True, help="output folder: one subfolder per case plus summary.json")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--trusted-key", default=None,
+                   help="the coordinator's bundle.pub: refuse a bundle it did not sign (default: $HEMEX_TRUSTED_KEY)")
     p.set_defaults(func=cmd_predict)
     return parser
 

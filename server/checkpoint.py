@@ -25,7 +25,7 @@ from common.federation.settings import FederationSettings
 # Where data and outputs live and how long to wait: a resume may change these. Everything else in
 # the run config, and the profile's contents, decides the weights.
 NOT_TRAINING = ("data-root", "out-dir", "resume", "node-wait-s", "round-timeout-s", "min-aggregate-cases",
-                "max-cls-scorings", "profile")
+                "max-cls-scorings", "bundle-key", "profile")
 
 
 def training_settings(settings: FederationSettings, profile: dict | None = None) -> dict:

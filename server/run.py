@@ -17,7 +17,7 @@ from common import __version__
 from common.config import load_profile
 from common.errors import ConfigError
 from common.federation import binned
-from common.inference.bundle import preprocessing_from_profile, write_manifest
+from common.inference.bundle import load_signing_key, preprocessing_from_profile, sign_manifest, write_manifest
 from common.federation.records import WITHHELD, to_record
 from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
@@ -210,6 +210,8 @@ class FederatedRun:
 
     def _execute(self) -> dict:
         started = time.time()
+        if self.settings.bundle_key:  # a bad key fails now, not after training
+            load_signing_key(Path(self.settings.bundle_key))
         if self.settings.resume:
             self.checkpoints.verify()
         else:
@@ -262,6 +264,10 @@ class FederatedRun:
                                         "cases": {c: info.get("num-cases") for c, info in self.report["centers"].items()
                                                   if c in self.settings.train_centers}},
                                preprocessing=self.bundle_preprocessing())
+                if self.settings.bundle_key:
+                    sign_manifest(bundle, Path(self.settings.bundle_key))
+                else:
+                    self.log("the model bundle is unsigned (no bundle-key): sites can check its checksums only")
         self.report["timing"]["total_seconds"] = time.time() - started
         self.report["versions"] = {"hemex": __version__, **package_versions()}
         write_json(self.out / "federation.json", self.report)

@@ -12,6 +12,8 @@ into place, so a failure leaves nothing half-written):
                         format: only site <id> holds it
     nodes/<id>.pub      its OpenSSH public key: the coordinator registers it with
                         `flwr supernode register`
+    bundle.key          the coordinator's Ed25519 key (0600, OpenSSH) that signs model bundles
+    bundle.pub          its public key ('ssh-ed25519 ...'): sites trust it in `hemex predict`
 
 Flower 1.42 requires the node keys to be NIST elliptic-curve keys in OpenSSH format (it reads
 them with `load_ssh_private_key` / `load_ssh_public_key`). Real sites should generate their own
@@ -32,7 +34,7 @@ from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
@@ -54,9 +56,11 @@ class DevPKI:
     server_key: Path
     hosts: tuple[str, ...]
     node_keys: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # id -> (private, public)
+    bundle_key: Path | None = None
+    bundle_pub: Path | None = None
 
     def files(self) -> list[Path]:
-        paths = [self.ca_cert, self.ca_key, self.server_cert, self.server_key]
+        paths = [self.ca_cert, self.ca_key, self.server_cert, self.server_key, self.bundle_key, self.bundle_pub]
         for private, public in self.node_keys.values():
             paths += [private, public]
         return paths
@@ -159,6 +163,11 @@ def create_dev_pki(out: Path, nodes: Sequence[str] = (), hosts: str | Sequence[s
         _write(staging / "ca.key", _pem_private(ca_key), 0o600)
         _write(staging / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
         _write(staging / "server.key", _pem_private(server_key), 0o600)
+        signing = ed25519.Ed25519PrivateKey.generate()
+        _write(staging / "bundle.key", signing.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), 0o600)
+        _write(staging / "bundle.pub", signing.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" hemex-bundle\n", 0o644)
         node_keys = {}
         if nodes:
             (staging / "nodes").mkdir(mode=0o700)
@@ -182,7 +191,8 @@ def create_dev_pki(out: Path, nodes: Sequence[str] = (), hosts: str | Sequence[s
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return DevPKI(root=out, ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.crt",
-                  server_key=out / "server.key", hosts=host_list, node_keys=node_keys)
+                  server_key=out / "server.key", hosts=host_list, node_keys=node_keys, bundle_key=out / "bundle.key",
+                  bundle_pub=out / "bundle.pub")
 
 
 def _is_ip(host: str) -> bool:

@@ -68,6 +68,7 @@ class FederationSettings:
     # evaluations and final arms) per run. A site's node-config may tighten both, never loosen.
     min_aggregate_cases: int = 5
     max_cls_scorings: int = 32
+    bundle_key: str = ""  # the coordinator's Ed25519 key (hemex certs: bundle.key) signing the model bundle
     node_wait_s: float = 120.0
     out_dir: str = "runs/federation"
     resume: bool = True

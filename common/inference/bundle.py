@@ -9,21 +9,29 @@ manifest.json = {"format": "hemex-bundle/1", "files": {relative path: sha256}, "
 "model_version": ...}. The segmentation record does not hold the working spacing or the
 inference window, so they live in the manifest (derived from the run profile when not given).
 `load_bundle` verifies every listed checksum before any weight is read; a mismatch, a missing
-file or an unknown format raises a one-line DataError naming the file.
+file or an unknown format raises a one-line DataError naming the file. Every file it loads (both
+records and the weights they name) must be listed. BUNDLE/manifest.sig is an Ed25519 signature of
+manifest.json's exact bytes by the coordinator's bundle key (`hemex certs`: bundle.key); with a
+trusted public key (bundle.pub) `load_bundle` refuses an unsigned bundle or a signature that
+does not verify, so a changed manifest, and through its checksums any changed file, is refused.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.errors import DataError, HemexError
+from common.errors import ConfigError, DataError, HemexError
 
 FORMAT = "hemex-bundle/1"
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+TRUSTED_KEY_ENV = "HEMEX_TRUSTED_KEY"  # a site's default trusted key for `hemex predict`
 SEG_DIR = "segmentation"
 CLS_DIR = "classifier"
 REQUIRED = (f"{SEG_DIR}/model.json", f"{SEG_DIR}/model.safetensors", f"{CLS_DIR}/classifier.json")
@@ -56,7 +64,8 @@ def preprocessing_from_profile(profile: dict | str) -> dict:
 
 def _bundle_files(bundle_dir: Path) -> list[str]:
     return sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith("."))
+                  if p.is_file() and p.name not in (MANIFEST_NAME, SIGNATURE_NAME)
+                  and not p.name.startswith("."))
 
 
 def write_manifest(bundle_dir: Path, provenance: dict, preprocessing: dict | None = None) -> Path:
@@ -94,8 +103,89 @@ def write_manifest(bundle_dir: Path, provenance: dict, preprocessing: dict | Non
                 "files": files, "preprocessing": pre,
                 "provenance": {"versions": versions(), **provenance}}
     path = bundle_dir / MANIFEST_NAME
+    (bundle_dir / SIGNATURE_NAME).unlink(missing_ok=True)  # it signed another manifest
     write_json_atomic(path, manifest)
     return path
+
+
+def _key_file(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read key file ({err.strerror or err})") from err
+
+
+def load_signing_key(path: Path):
+    """The coordinator's Ed25519 bundle key (OpenSSH or PEM private key)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+
+    data = _key_file(path)
+    try:
+        key = load_ssh_private_key(data, None) if b"OPENSSH" in data else load_pem_private_key(data, None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: not a readable unencrypted private key ({err})") from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: bundle signing needs an Ed25519 key, got {type(key).__name__}")
+    return key
+
+
+def load_trusted_key(path: Path):
+    """A public key a site trusts for bundles: OpenSSH ('ssh-ed25519 ...') or PEM, Ed25519."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
+
+    data = _key_file(path).strip()
+    try:
+        key = load_pem_public_key(data) if data.startswith(b"-----") else load_ssh_public_key(data)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: not a readable public key ({err})") from err
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path}: a trusted bundle key must be Ed25519, got {type(key).__name__}")
+    return key
+
+
+def key_id(public_key) -> str:
+    """SHA-256 of the raw public key, shortened: names the key in manifest.sig."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return hashlib.sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:16]
+
+
+def sign_manifest(bundle_dir: Path, key_path: Path) -> Path:
+    """Sign BUNDLE/manifest.json's bytes with the coordinator's key into BUNDLE/manifest.sig."""
+    from common.training.checkpoint import write_json_atomic
+
+    key = load_signing_key(key_path)
+    data = (Path(bundle_dir) / MANIFEST_NAME).read_bytes()
+    path = Path(bundle_dir) / SIGNATURE_NAME
+    write_json_atomic(path, {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
+                             "signature": base64.b64encode(key.sign(data)).decode("ascii")})
+    return path
+
+
+def verify_signature(path: Path, manifest: dict, trusted_key: Path) -> None:
+    """The manifest's bytes, signed by the trusted key, and parsed as `manifest`; else DataError."""
+    from cryptography.exceptions import InvalidSignature
+
+    public = load_trusted_key(trusted_key)
+    signature_path, manifest_path = path / SIGNATURE_NAME, path / MANIFEST_NAME
+    if not signature_path.is_file():
+        raise DataError(signature_path, f"missing: the bundle is unsigned, and {trusted_key} is the trusted key")
+    try:
+        record = json.loads(signature_path.read_text(encoding="utf-8"))
+        signature = base64.b64decode(record["signature"], validate=True)
+        data = manifest_path.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(signature_path, f"unreadable bundle signature ({type(err).__name__})") from err
+    try:
+        public.verify(signature, data)
+    except InvalidSignature:
+        raise DataError(manifest_path, f"signature does not verify with the trusted key {trusted_key} (key "
+                                       f"{key_id(public)}; signed by {record.get('key_id')!r}): the manifest was "
+                                       "changed or signed by another key") from None
+    if json.loads(data) != manifest:
+        raise DataError(manifest_path, "changed while it was being verified")
 
 
 @dataclass
@@ -153,11 +243,12 @@ def read_manifest(path: Path) -> tuple[Path, dict]:
 
 
 def verify(path: Path, manifest: dict) -> None:
-    """Every required file listed, every listed file present with its recorded SHA-256."""
+    """Every required file listed, every listed file present with its recorded SHA-256, and the
+    classifier weights its (verified) record names listed too: nothing unlisted is ever loaded."""
     files = manifest["files"]
     for rel in REQUIRED:
         if rel not in files:
-            raise DataError(path / rel, "not listed in the bundle manifest")
+            raise DataError(path / rel, "loaded by hemex predict but not listed in the bundle manifest")
     for rel, expected in files.items():
         target = (path / rel).resolve()
         if path.resolve() not in target.parents:
@@ -166,14 +257,31 @@ def verify(path: Path, manifest: dict) -> None:
             raise DataError(path / rel, "missing from the model bundle")
         if sha256_file(target) != expected:
             raise DataError(path / rel, "SHA-256 checksum mismatch: the bundle file was modified or damaged")
+    record_path = path / CLS_DIR / "classifier.json"
+    try:
+        weights = json.loads(record_path.read_text(encoding="utf-8"))["weights"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(record_path, f"cannot read the classifier weights' name ({type(err).__name__})") from err
+    rel = f"{CLS_DIR}/{weights}"
+    if not isinstance(weights, str) or os.path.normpath(rel) != rel or rel not in files:
+        raise DataError(path / CLS_DIR / str(weights), "loaded by hemex predict but not listed in the bundle manifest")
 
 
-def load_bundle(path: Path, device="cpu") -> Bundle:
-    """Verify the manifest's checksums, then load both models. Raises DataError (one line)."""
+def trusted_key_path(explicit: str | Path | None) -> Path | None:
+    """--trusted-key, else the site's HEMEX_TRUSTED_KEY, else None (checksums only)."""
+    value = explicit or os.environ.get(TRUSTED_KEY_ENV, "")
+    return Path(value) if value else None
+
+
+def load_bundle(path: Path, device="cpu", trusted_key: Path | None = None) -> Bundle:
+    """Verify the signature (with `trusted_key`) and every checksum, then load both models.
+    Raises DataError (one line)."""
     from common.training.checkpoint import load_checkpoint
     from common.training.classification import load_classifier
 
     path, manifest = read_manifest(path)
+    if trusted_key is not None:
+        verify_signature(path, manifest, Path(trusted_key))
     verify(path, manifest)
     try:
         seg_model, seg_record = load_checkpoint(path / SEG_DIR, device=device)
