@@ -215,6 +215,20 @@ def test_bad_case_id(cohort, case_id, phrase):
     assert_only(cohort, "A/cases.csv:2", phrase)
 
 
+@pytest.mark.parametrize("case_id", [".", "..", ".a1", "a 1", "a/1"])
+def test_training_parser_and_check_share_one_case_id_rule(cohort, case_id):
+    """A case_id `hemex check` refuses never reaches training, naming the same line and reason."""
+    from common.data.contract import read_center
+    from common.errors import DataError
+
+    set_line(cohort / "A/cases.csv", 2, f"{case_id},1,,")
+    problems = [p for p in check_data_root(cohort)[0] if p.path == "A/cases.csv:2"]
+    assert len(problems) == 1 and "case_id" in problems[0].reason
+    with pytest.raises(DataError) as err:
+        read_center(cohort / "A")
+    assert str(err.value) == f"{cohort / 'A/cases.csv'}:2: {problems[0].reason}"
+
+
 def test_line_numbers_count_blank_lines(cohort):
     table = cohort / "A/cases.csv"
     table.write_text("case_id,he,onset_to_ct_h,followup_volume_ml\n\na1,1,,\na2,x,,\na3,,,\n", encoding="utf-8")

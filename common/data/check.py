@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.data import io
-from common.data.contract import (CASE_ID_PATTERN, IMAGE_SUFFIXES, MASK_SUFFIXES, OPTIONAL_NUMERIC_COLUMNS,
+from common.data.contract import (IMAGE_SUFFIXES, MASK_SUFFIXES, OPTIONAL_NUMERIC_COLUMNS, case_id_problem,
                                   REQUIRED_COLUMNS, ROOT_FILES, find_image, find_mask, list_centers, parse_he,
                                   parse_optional_float, read_numbered_table, storage_format, strip_suffix)
 from common.data.plausibility import anatomy_problems, hu_problems
@@ -288,12 +288,10 @@ def _check_row(center_dir: Path, raw: dict[str, str]) -> tuple[list[str], _Row]:
     """Table-level problems of one row, and where its image and mask are."""
     reasons = []
     case_id = raw.get("case_id", "").strip()
-    id_ok = bool(CASE_ID_PATTERN.match(case_id))
-    if not id_ok:
-        reasons.append(f"case_id {case_id!r} does not match [A-Za-z0-9._-]+")
-    elif case_id.startswith("."):  # '.', '..' name folders, and hidden files are skipped everywhere
-        reasons.append(f"case_id {case_id!r} must not start with '.'")
-        id_ok = False
+    problem = case_id_problem(case_id)
+    id_ok = problem is None
+    if problem:
+        reasons.append(problem)
     he, he_valid = None, True
     try:
         he = parse_he(raw.get("he", ""))

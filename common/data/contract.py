@@ -127,12 +127,22 @@ def find_mask(masks_dir: Path, case_id: str) -> list[Path]:
     return [masks_dir / f"{case_id}{s}" for s in MASK_SUFFIXES if (masks_dir / f"{case_id}{s}").is_file()]
 
 
+def case_id_problem(case_id: str) -> str | None:
+    """Why `case_id` cannot name a case (the one rule of the training parser and `hemex check`)."""
+    if not CASE_ID_PATTERN.match(case_id):
+        return f"case_id {case_id!r} does not match [A-Za-z0-9._-]+"
+    if case_id.startswith("."):  # '.', '..' name folders, and hidden files are skipped everywhere
+        return f"case_id {case_id!r} must not start with '.'"
+    return None
+
+
 def parse_row(center_dir: Path, row: dict[str, str], line: int) -> Case:
     """One cases.csv row to a Case; raises DataError naming the file and line."""
     where = f"{center_dir / 'cases.csv'}:{line}"
     case_id = row.get("case_id", "").strip()
-    if not CASE_ID_PATTERN.match(case_id):
-        raise DataError(where, f"case_id {case_id!r} does not match [A-Za-z0-9._-]+")
+    problem = case_id_problem(case_id)
+    if problem:
+        raise DataError(where, problem)
     try:
         he = parse_he(row.get("he", ""))
         onset = parse_optional_float(row.get("onset_to_ct_h"), "onset_to_ct_h")
