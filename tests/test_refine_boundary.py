@@ -81,3 +81,14 @@ def test_the_models_interior_stays_even_where_hypodense(hypodense):
         hu[hole] -= 35.0
     after = refine_boundary(coarse(truth), hu, SPACING).astype(bool)
     assert after[4, 60, 60] and dice(after, truth) > 0.95
+
+
+def test_a_black_hole_the_model_left_out_is_filled():
+    hu, truth = scan()
+    z, y, x = np.mgrid[0:hu.shape[0], 0:hu.shape[1], 0:hu.shape[2]]
+    hole = (np.hypot((x - 60) * SPACING[0], (y - 60) * SPACING[1]) < 4.0) & truth
+    hu[hole] -= 35.0  # an enclosed hypodensity 35 HU darker than the clot
+    before = coarse(truth) & ~hole  # the model drew a ring around it
+    after = refine_boundary(before, hu, SPACING).astype(bool)
+    assert not before[4, 60, 60] and after[hole].all()
+    assert dice(after, truth) > 0.95

@@ -162,4 +162,7 @@ def _refine(mask: np.ndarray, hu: np.ndarray, spacing_xyz) -> np.ndarray:
     candidate |= mask & (inside > REFINE_KEEP_MM)
     labels, _ = ndimage.label(candidate, structure=FULL_CONNECTIVITY)
     touched = np.unique(labels[mask & candidate])
-    return np.isin(labels, touched[touched > 0]).astype(np.uint8)
+    refined = np.isin(labels, touched[touched > 0])
+    for z in range(refined.shape[0]):  # a hypodensity enclosed by clot (black hole sign) is hematoma
+        refined[z] = ndimage.binary_fill_holes(refined[z])
+    return refined.astype(np.uint8)
