@@ -231,6 +231,13 @@ def test_a_wall_clock_budget_stops_training_after_the_epoch_that_spends_it(blobs
     assert np.isfinite(result.history[0]["val_dice"])  # the last epoch is validated
 
 
+def test_bf16_autocast_trains_fp32_weights(blobs):
+    model = tiny_model("umamba-bot")
+    result = train_segmentation(model, blobs[:4], epochs=1, steps_per_epoch=2, patch_size=PATCH, seed=0, bf16=True)
+    assert np.isfinite(result.metrics["train_loss"])
+    assert all(v.dtype == torch.float32 for v in result.best_state.values() if v.is_floating_point())
+
+
 def test_fedprox_keeps_weights_near_the_global_model(blobs):
     def drift(mu: float) -> float:
         model = tiny_model()

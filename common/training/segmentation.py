@@ -133,6 +133,7 @@ def train_segmentation(
     satellite_mm: float = 0.0,
     restore_best: bool = True,
     max_seconds: float | None = None,
+    bf16: bool = False,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `epochs` x `steps_per_epoch` batches of random patches.
@@ -150,6 +151,9 @@ def train_segmentation(
         roi_size, sw_overlap, sw_batch_size, satellite_mm: validation inference (see `predict_mask`).
         max_seconds: a wall-clock budget for training (validation excluded): no epoch starts once
             it is spent, and the epoch that spends it validates (a benchmark compares models at equal time).
+        bf16: run the forward pass under bfloat16 autocast (the Mamba layer stays fp32; weights,
+            loss and optimizer stay fp32): ~1.5x the training steps per second on a CPU with bf16
+            instructions. Inference is always fp32.
         progress: called after every epoch with that epoch's record.
 
     Returns a TrainResult; `metrics` holds train_loss, val_dice (NaN without validation),
@@ -202,7 +206,9 @@ def train_segmentation(
             else:
                 x, y = window_tensor(torch.from_numpy(hu), windows), torch.from_numpy(labels).long()
             x, y = x.to(device), y.to(device)
-            loss = loss_fn(as_output_list(model(x)), y)
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = as_output_list(model(x))
+            loss = loss_fn([o.float() for o in outputs], y)
             if anchor is not None:
                 loss = loss + proximal_term(model, anchor, proximal_mu)
             if not torch.isfinite(loss):

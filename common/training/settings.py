@@ -32,6 +32,7 @@ class SegmentationSettings:
     grad_clip: float = 12.0
     foreground_fraction: float = 1 / 3  # share of patches centred on a hematoma voxel
     hard_negative_fraction: float = 0.0  # share centred on a blood-dense non-hematoma voxel (patches.py)
+    bf16: bool = False  # training forward pass under bfloat16 autocast (segmentation.train_segmentation)
     augment: bool = True
     val_fraction: float = 0.1  # of each training centre, held out to pick the best checkpoint
     val_every: int = 1  # epochs between validations
