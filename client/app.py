@@ -134,10 +134,13 @@ def evaluate_seg(message: Message, context: Context) -> Message:
                         **{f"dice-{q}": dice[q] for q in ("min", "q25", "median", "q75", "max")}})
         if "dice_native" in overall:
             metrics.update({"dice-native": overall["dice_native"]["mean"],
-                            "vol-mae-native-ml": overall["abs_vol_err_native_ml"]["mean"]})
+                            "vol-mae-native-ml": overall["abs_vol_err_native_ml"]["mean"],
+                            "vol-median-native-ml": overall["abs_vol_err_native_ml"]["median"],
+                            **small_lesion_dice(evaluation["per_case"], context, site)})
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 
 
+SMALL_LESION_ML = 5.0  # lesions this small are scored apart: the working grid misses them first
 SCORINGS_KEY = "cls-scorings"  # classifier models scored so far in this run (node context state)
 
 
@@ -155,6 +158,14 @@ def spend_scorings(context: Context, site: Site, n: int) -> None:
     if used + n > cap:
         raise PrivacyViolation(f"scoring {n} more classifier model(s) after {used} would exceed max-cls-scorings {cap}")
     context.state[SCORINGS_KEY] = MetricRecord({"used": used + n})
+
+
+def small_lesion_dice(per_case: list[dict], context: Context, site: Site) -> dict:
+    """Mean delivered-mask Dice over lesions under SMALL_LESION_ML and their count; the mean is -1
+    when there are none or fewer than the site's small-group limit (one case's own Dice)."""
+    small = [r["dice_native"] for r in per_case if r["vol_ref_native_ml"] < SMALL_LESION_ML]
+    withheld = not small or len(small) < privacy_limits(context.node_config, site.settings)[0]
+    return {"dice-native-small": -1.0 if withheld else float(np.mean(small)), "n-small": len(small)}
 
 
 def _finite(value) -> float:

@@ -88,6 +88,10 @@ def center_entry(cls: dict, seg: dict, oracle: dict | None) -> dict:
     if "dice-native" in seg:  # the delivered mask, on each scan's own grid (held-out centres)
         entry["dice_native"] = _num(seg.get("dice-native"))
         entry["volume_mae_native_ml"] = _num(seg.get("vol-mae-native-ml"))
+        entry["volume_median_abs_err_native_ml"] = _num(seg.get("vol-median-native-ml"))
+        small = _num(seg.get("dice-native-small"))
+        entry["dice_native_small"] = small if small is not None and small >= 0 else None  # -1: withheld or none
+        entry["n_small"] = int(seg.get("n-small", 0))
     if oracle:
         entry["oracle_auc"] = oracle["auc"]
     if "vs-federated-diff" in cls:
@@ -111,10 +115,11 @@ def pooled_entry(centers: dict[str, dict], oracle: dict[str, dict]) -> dict:
         pairs = [(e[key], e[weight] if weight else e["n"] - e["n_he"]) for e in ok.values() if e.get(key) is not None]
         total = sum(w for _, w in pairs)
         pooled[key] = sum(v * w for v, w in pairs) / total if total else None
-    for key in ("dice", "volume_mae_ml", "dice_native", "volume_mae_native_ml"):
+    for key in ("dice", "volume_mae_ml", "dice_native", "volume_mae_native_ml", "dice_native_small"):
         if not any(key in e for e in ok.values()):
             continue
-        pairs = [(e[key], e["n_seg"]) for e in ok.values() if e.get(key) is not None]
+        weight = "n_small" if key == "dice_native_small" else "n_seg"
+        pairs = [(e[key], e[weight]) for e in ok.values() if e.get(key) is not None]
         total = sum(w for _, w in pairs)
         pooled[key] = sum(v * w for v, w in pairs) / total if total else None
     if oracle and all(c in oracle for c in ok):

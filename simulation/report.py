@@ -198,8 +198,9 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
                       f"(target >= 0.90)."]
     lines += ["", "## Per external centre", "",
               "| centre | arm | n (HE) | AUC [95% CI, DeLong] | oracle | vs federated (p) | sens | spec | Brier | "
-              "Dice | volume MAE mL | Dice, scan grid | volume MAE mL, scan grid |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Dice | volume MAE mL | Dice, scan grid | volume MAE mL, scan grid | |volume error| median mL, scan grid "
+              "| Dice < 5 mL (n), scan grid |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for center in metrics["test_centers"]:
         for arm, slot in arms.items():
             if center not in slot["centers"]:  # leave-one-out: local-<c> is never scored at c
@@ -208,7 +209,9 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
             lines.append(f"| {center} | {arm} | {e['n']} ({e['n_he']}) | {_ci(e)} | {_f(e.get('oracle_auc'))} | "
                          f"{_p(e.get('vs_federated'))} | {_f(e['sensitivity'], 2)} | {_f(e['specificity'], 2)} | "
                          f"{_f(e['brier'])} | {_f(e['dice'])} | {_f(e['volume_mae_ml'], 2)} | "
-                         f"{_f(e.get('dice_native'))} | {_f(e.get('volume_mae_native_ml'), 2)} |"
+                         f"{_f(e.get('dice_native'))} | {_f(e.get('volume_mae_native_ml'), 2)} | "
+                         f"{_f(e.get('volume_median_abs_err_native_ml'), 2)} | "
+                         f"{_f(e.get('dice_native_small'))} ({e.get('n_small', 0)}) |"
                          + (f" error: {e['error'][:80]}" if "error" in e else ""))
     lines += ["", "## Figures", "",
               f"![ROC per external centre]({figures['roc']})", "",

@@ -107,7 +107,8 @@ def print_study_summary(metrics: dict, console: Console) -> None:
     console.print(f"segmentation (shared, federated): Dice {_fmt(fed.get('dice'))}, volume MAE "
                   f"{_fmt(fed.get('volume_mae_ml'), 2)} mL on the held-out centres (model grid)"
                   + (f"; delivered mask on the scans' grids: Dice {_fmt(fed.get('dice_native'))}, volume MAE "
-                     f"{_fmt(fed.get('volume_mae_native_ml'), 2)} mL" if "dice_native" in fed else ""))
+                     f"{_fmt(fed.get('volume_mae_native_ml'), 2)} mL; lesions < 5 mL: Dice "
+                     f"{_fmt(fed.get('dice_native_small'))}" if "dice_native" in fed else ""))
 
 
 def _fmt(value, digits: int = 3) -> str:

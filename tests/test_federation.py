@@ -210,7 +210,8 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     assert metrics["num-examples"] == 10 and 0.0 <= metrics["dice"] <= 1.0
     # Aggregates only, named and fixed in number whatever the case count (no per-case values).
     assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "abs-vol-err-ml", "vol-mae-ml", "dice-min",
-                            "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "vol-mae-native-ml"}
+                            "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "vol-mae-native-ml",
+                            "vol-median-native-ml", "dice-native-small", "n-small"}
     synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
     synth_metrics = dict(synth.content["metrics"])
     assert synth_metrics["num-kept"] <= synth_metrics["num-needed"]

@@ -70,7 +70,9 @@ def test_simulate_seeds_runs_one_study_per_seed_in_its_own_folder(tmp_path, monk
 
     monkeypatch.setattr(simulation.study, "run_study", fake_study)
     data = tmp_path / "data"
-    data.mkdir()
+    for center in ("a", "b", "c"):  # the centres are checked before any study starts
+        (data / center).mkdir(parents=True)
+        (data / center / "cases.csv").write_text("case_id,he\n", encoding="utf-8")
     code = main(["simulate", "--data", str(data), "--train-centers", "a,b", "--test-centers", "c", "--seeds", "4,2",
                  "--out", str(tmp_path / "run")])
     assert code == 0

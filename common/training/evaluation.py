@@ -46,7 +46,8 @@ def delivered_mask(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, 
 def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> dict:
     """Dice and absolute volume error (mL) of the delivered mask against `native`'s stored mask."""
     scores = overlap_metrics(delivered_mask(pred, probabilities, sample, native), native.mask, native.spacing)
-    return {"dice_native": scores["dice"], "abs_vol_err_native_ml": scores["abs_vol_err_ml"]}
+    return {"dice_native": scores["dice"], "abs_vol_err_native_ml": scores["abs_vol_err_ml"],
+            "vol_ref_native_ml": scores["vol_ref_ml"]}
 
 
 def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float, sw_batch_size: int,
