@@ -293,6 +293,17 @@ def test_missing_file_and_unknown_format(copy_bundle):
         load_bundle(copy_bundle)
 
 
+@pytest.mark.parametrize("key", ["spacing", "roi_size"])
+def test_a_bundle_without_its_segmentation_plan_is_refused(copy_bundle, key):
+    manifest_path = copy_bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    assert manifest["preprocessing"]["spacing"] and manifest["preprocessing"]["roi_size"]  # the plan is written
+    del manifest["preprocessing"][key]
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(DataError, match=f"manifest.json: bundle preprocessing lacks the segmentation plan's {key}"):
+        load_bundle(copy_bundle)
+
+
 def test_write_manifest_lists_every_file(copy_bundle):
     write_manifest(copy_bundle, {"centers": ["center1", "center2"], "rounds": {"seg": 3}, "version": "v-test"},
                    {"spacing": [4.0, 4.0, 5.0], "roi_size": [8, 32, 32]})

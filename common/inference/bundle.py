@@ -218,6 +218,9 @@ class Bundle:
         return [list(map(float, w)) for w in self.preprocessing["windows"]]
 
 
+PLAN_KEYS = ("spacing", "roi_size")  # working spacing (x, y, z) mm and inference window (z, y, x) voxels
+
+
 def read_manifest(path: Path) -> tuple[Path, dict]:
     """(bundle folder, manifest); `path` is the bundle or a federation run folder holding model/."""
     path = Path(path)
@@ -239,6 +242,10 @@ def read_manifest(path: Path) -> tuple[Path, dict]:
         raise DataError(manifest_path, f"unknown bundle format {found!r}; expected {FORMAT!r}")
     if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("preprocessing"), dict):
         raise DataError(manifest_path, "bundle manifest lacks 'files' or 'preprocessing'")
+    # The segmentation plan: every site and `hemex predict` must resample and window as training did.
+    missing = [k for k in PLAN_KEYS if k not in manifest["preprocessing"]]
+    if missing:
+        raise DataError(manifest_path, f"bundle preprocessing lacks the segmentation plan's {', '.join(missing)}")
     return path, manifest
 
 
