@@ -114,7 +114,7 @@ def train_budgeted(name: str, arch: dict, split, settings: SegmentationSettings,
         batch_size=settings.batch_size, lr=settings.lr, seed=seed, device=device, val_samples=split.val or None,
         val_every=settings.val_every, optimizer=settings.optimizer, weight_decay=settings.weight_decay,
         schedule=settings.schedule, grad_clip=settings.grad_clip, foreground_fraction=settings.foreground_fraction,
-        hard_negative_fraction=settings.hard_negative_fraction, bf16=settings.bf16, augment=settings.augment,
+        hard_negative_fraction=settings.hard_negative_fraction, precision=settings.precision, augment=settings.augment,
         roi_size=settings.inference_roi, sw_overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
         satellite_mm=settings.satellite_mm, max_seconds=budget,
         progress=lambda r: print(f"  {name} epoch {r['epoch']}: loss {r['train_loss']:.4f}"
@@ -150,7 +150,7 @@ def train_federated(arch: dict, split, settings: SegmentationSettings, budget: f
                 schedule_offset=(server_round - 1) * epochs * settings.steps_per_epoch,
                 schedule_total=rounds * epochs * settings.steps_per_epoch, grad_clip=settings.grad_clip,
                 foreground_fraction=settings.foreground_fraction,
-                hard_negative_fraction=settings.hard_negative_fraction, bf16=settings.bf16, augment=settings.augment,
+                hard_negative_fraction=settings.hard_negative_fraction, precision=settings.precision, augment=settings.augment,
                 restore_best=False, max_seconds=per_call)
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             weights.append(len(samples))

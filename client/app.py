@@ -96,7 +96,7 @@ def train_seg(message: Message, context: Context) -> Message:
         schedule_offset=(server_round - 1) * epochs * seg.steps_per_epoch,
         schedule_total=settings.seg_rounds * epochs * seg.steps_per_epoch,
         grad_clip=seg.grad_clip, foreground_fraction=seg.foreground_fraction,
-        hard_negative_fraction=seg.hard_negative_fraction, bf16=seg.bf16, augment=seg.augment,
+        hard_negative_fraction=seg.hard_negative_fraction, precision=seg.precision, augment=seg.augment,
         restore_best=False,
     )
     state = model.state_dict()

@@ -33,6 +33,7 @@ from common.training import (
 from common.training.central import validate_centers
 from common.training.losses import DeepSupervisionDiceCE, deep_supervision_weights, proximal_term
 from common.training.patches import PatchSampler
+from common.training.segmentation import uses_bf16
 from common.metrics.segmentation import segmentation_metrics
 from common.training.inference import segment
 from common.training.postprocess import keep_blood_density, keep_main_lesion
@@ -233,9 +234,14 @@ def test_a_wall_clock_budget_stops_training_after_the_epoch_that_spends_it(blobs
 
 def test_bf16_autocast_trains_fp32_weights(blobs):
     model = tiny_model("umamba-bot")
-    result = train_segmentation(model, blobs[:4], epochs=1, steps_per_epoch=2, patch_size=PATCH, seed=0, bf16=True)
+    result = train_segmentation(model, blobs[:4], epochs=1, steps_per_epoch=2, patch_size=PATCH, seed=0,
+                                precision="bf16")
     assert np.isfinite(result.metrics["train_loss"])
     assert all(v.dtype == torch.float32 for v in result.best_state.values() if v.is_floating_point())
+    assert uses_bf16("fp32", "cpu") is False and uses_bf16("bf16", "cpu") is True
+    assert uses_bf16("auto", "cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        uses_bf16("fp16", "cpu")
 
 
 def test_fedprox_keeps_weights_near_the_global_model(blobs):

@@ -171,7 +171,7 @@ def train_and_evaluate(arch: dict, split: LoadedSplit, settings: SegmentationSet
         device=device, val_samples=split.val or None, val_every=settings.val_every, optimizer=settings.optimizer,
         weight_decay=settings.weight_decay, momentum=settings.momentum, schedule=settings.schedule,
         grad_clip=settings.grad_clip, foreground_fraction=settings.foreground_fraction,
-        hard_negative_fraction=settings.hard_negative_fraction, bf16=settings.bf16, augment=settings.augment,
+        hard_negative_fraction=settings.hard_negative_fraction, precision=settings.precision, augment=settings.augment,
         roi_size=settings.inference_roi, sw_overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
         satellite_mm=settings.satellite_mm, progress=on_epoch,
     )

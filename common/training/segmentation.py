@@ -25,7 +25,7 @@ from common.training.augment import augment_batch, build_augmentation, window_te
 from common.training.inference import check_volume, predict_mask
 from common.training.losses import DeepSupervisionDiceCE, proximal_term
 from common.training.patches import PatchSampler
-from common.training.settings import OPTIMIZERS, SCHEDULES
+from common.training.settings import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 
 @dataclass
@@ -48,6 +48,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def uses_bf16(precision: str, device) -> bool:
+    """Whether training runs under bfloat16 autocast for `precision` on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # native bf16 (AVX512-BF16 / AMX), not emulated
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -133,7 +144,7 @@ def train_segmentation(
     satellite_mm: float = 0.0,
     restore_best: bool = True,
     max_seconds: float | None = None,
-    bf16: bool = False,
+    precision: str = "fp32",
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `epochs` x `steps_per_epoch` batches of random patches.
@@ -151,9 +162,10 @@ def train_segmentation(
         roi_size, sw_overlap, sw_batch_size, satellite_mm: validation inference (see `predict_mask`).
         max_seconds: a wall-clock budget for training (validation excluded): no epoch starts once
             it is spent, and the epoch that spends it validates (a benchmark compares models at equal time).
-        bf16: run the forward pass under bfloat16 autocast (the Mamba layer stays fp32; weights,
-            loss and optimizer stay fp32): ~1.5x the training steps per second on a CPU with bf16
-            instructions. Inference is always fp32.
+        precision: "fp32", "bf16" (the forward pass under bfloat16 autocast; the Mamba layer,
+            weights, loss and optimizer stay fp32) or "auto" (bf16 where the device computes it
+            natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; ~1.5x the steps per second on
+            such a CPU). Inference is always fp32.
         progress: called after every epoch with that epoch's record.
 
     Returns a TrainResult; `metrics` holds train_loss, val_dice (NaN without validation),
@@ -161,6 +173,7 @@ def train_segmentation(
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    bf16 = uses_bf16(precision, device)
     if epochs < 1 or steps_per_epoch < 1 or batch_size < 1:
         raise ValueError("epochs, steps_per_epoch and batch_size must be >= 1")
     patch_size = tuple(int(p) for p in patch_size)

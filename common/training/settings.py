@@ -13,6 +13,7 @@ from common.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("poly", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class SegmentationSettings:
     grad_clip: float = 12.0
     foreground_fraction: float = 1 / 3  # share of patches centred on a hematoma voxel
     hard_negative_fraction: float = 0.0  # share centred on a blood-dense non-hematoma voxel (patches.py)
-    bf16: bool = False  # training forward pass under bfloat16 autocast (segmentation.train_segmentation)
+    precision: str = "fp32"  # training forward pass: fp32, bf16 autocast, or auto (segmentation.uses_bf16)
     augment: bool = True
     val_fraction: float = 0.1  # of each training centre, held out to pick the best checkpoint
     val_every: int = 1  # epochs between validations
@@ -55,6 +56,8 @@ class SegmentationSettings:
             raise ConfigError("segmentation.lr and grad_clip must be > 0 and weight_decay >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"segmentation.optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"segmentation.precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"segmentation.schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
