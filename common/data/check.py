@@ -350,7 +350,7 @@ def _check_image(root: Path, path: Path) -> tuple[list[Problem], sitk.Image | No
     except DataError as err:  # unreadable, not 3D, not scalar, non-finite, DICOM series issues
         return [Problem(_rel(err.path, root), err.reason)], None
     except RuntimeError as err:  # an ITK failure io did not anticipate must not abort the whole check
-        return [Problem(_rel(path, root), f"cannot read image: {_first_line(err)}")], None
+        return [Problem(_rel(path, root), f"cannot read image: {io.error_message(err)}")], None
     where = _rel(path, root)
     reasons = notes + hu_problems(sitk.GetArrayViewFromImage(image))
     if not reasons:  # the outline test assumes HU
@@ -376,7 +376,7 @@ def _check_mask(root: Path, path: Path, image: sitk.Image | None, he: int | None
     except DataError as err:
         return [Problem(_rel(err.path, root), err.reason)]
     except RuntimeError as err:
-        return [Problem(where, f"cannot read mask: {_first_line(err)}")]
+        return [Problem(where, f"cannot read mask: {io.error_message(err)}")]
     problems = []
     if image is not None:
         difference = io.same_grid(image, mask)
@@ -427,8 +427,3 @@ def _rel(path, root: Path) -> str:
         return Path(path).relative_to(root).as_posix()
     except ValueError:
         return str(path)
-
-
-def _first_line(err: Exception) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__

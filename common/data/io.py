@@ -75,11 +75,11 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
             groups.setdefault(_image_size(file), []).append(file)
         kept = max(groups.values(), key=len)
         if len(groups) < 2 or len(kept) < 2:
-            raise DataError(folder, f"cannot read DICOM series: {_first_line(err)}") from err
+            raise DataError(folder, f"cannot read DICOM series: {error_message(err)}") from err
         try:
             reader, image = _read_slices(kept)
         except RuntimeError as err2:
-            raise DataError(folder, f"cannot read DICOM series: {_first_line(err2)}") from err2
+            raise DataError(folder, f"cannot read DICOM series: {error_message(err2)}") from err2
         files = kept
     left_out = _left_out_files(folder, files, other_series)
     if left_out:
@@ -148,7 +148,7 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise DataError(folder, f"cannot read enhanced DICOM image: {_first_line(err)}") from err
+        raise DataError(folder, f"cannot read enhanced DICOM image: {error_message(err)}") from err
     _require_ct(tag(reader, TAG_MODALITY), folder)
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True)
@@ -240,7 +240,7 @@ def slice_spacing_mm(path: Path) -> float:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise DataError(path, f"cannot read image header: {_first_line(err)}") from err
+        raise DataError(path, f"cannot read image header: {error_message(err)}") from err
     if reader.GetDimension() < 3:
         raise DataError(path, f"expected a 3D volume, got {reader.GetDimension()}D")
     direction = np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)
@@ -284,7 +284,7 @@ def _read_file(path: Path) -> sitk.Image:
             raise DataError(path, problem)
         return reader.Execute()
     except RuntimeError as err:
-        raise DataError(path, f"cannot read image: {_first_line(err)}") from err
+        raise DataError(path, f"cannot read image: {error_message(err)}") from err
 
 
 def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | None:
@@ -364,9 +364,10 @@ def _metaimage_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str 
     return None
 
 
-def _first_line(err: Exception) -> str:
+def error_message(err: Exception) -> str:
+    """The one line of an error worth showing: ITK messages start with a file:line banner and end
+    with the useful sentence, so the last non-empty line (the exception's type when there is none)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    # ITK messages start with a file:line banner; the useful sentence comes last.
     return lines[-1] if lines else type(err).__name__
 
 
