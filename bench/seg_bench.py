@@ -50,7 +50,7 @@ from common.training.checkpoint import build_model, write_json_atomic  # noqa: E
 from common.training.augment import window_tensor  # noqa: E402
 from common.training.losses import DeepSupervisionDiceCE  # noqa: E402
 from common.training.patches import PatchSampler  # noqa: E402
-from common.training.segmentation import seed_everything, train_segmentation  # noqa: E402
+from common.training.segmentation import seed_everything, train_segmentation, uses_bf16  # noqa: E402
 from common.training.settings import SegmentationSettings  # noqa: E402
 from seg_downstream import MarkerModel, delivered_records, reference_aucs, reference_rows, summarize_arm  # noqa: E402
 
@@ -93,14 +93,17 @@ def timed_training_step(arch: dict, split, settings: SegmentationSettings, windo
         hu, labels = sampler.batch(settings.batch_size)
         x, y = window_tensor(torch.from_numpy(hu), windows).to(device), torch.from_numpy(labels).long().to(device)
         start = time.perf_counter()
-        loss_fn(as_output_list(model(x)), y).backward()
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=uses_bf16(settings.precision, device)):  # as training will run
+            outputs = as_output_list(model(x))
+        loss_fn([o.float() for o in outputs], y).backward()
         times.append(time.perf_counter() - start)
     return times[-1]
 
 
 def epochs_for(budget_seconds: float, step_seconds: float, steps_per_epoch: int) -> int:
     """Epochs whose projected training time fills the budget (the learning-rate schedule spans them)."""
-    return max(1, int(budget_seconds / max(step_seconds * steps_per_epoch, 1e-6)))
+    return max(1, round(budget_seconds / max(step_seconds * steps_per_epoch, 1e-6)))
 
 
 def train_budgeted(name: str, arch: dict, split, settings: SegmentationSettings, budget: float, step_seconds: float,
