@@ -20,11 +20,12 @@ from common.data.preprocess import load_case
 from common.metrics.classification import auc
 from common.metrics.markers import marker_features
 from common.metrics.segmentation import overlap_metrics
+from common.training.classification import ClassifierSettings
 from common.training.evaluation import delivered_mask
 from common.training.inference import segment
 
 SMALL_ML = 5.0  # lesions below this are reported separately (the small-lesion Dice)
-HYPODENSE_HU = 18.0  # the classifier's marker setting (ClassifierSettings.hypodense_hu)
+HYPODENSE_HU = ClassifierSettings().hypodense_hu  # the classifier's marker setting
 
 
 def markers_row(hu, mask, spacing) -> list[float] | None:

@@ -64,5 +64,10 @@ def intracranial_fraction(mask: np.ndarray, brain: np.ndarray | None, spacing_xy
     mask = np.asarray(mask) != 0
     if brain is None or not mask.any():
         return float("nan")
-    near = ndimage.binary_dilation(brain, structure=in_plane_disk(margin_mm, spacing_xyz)) if margin_mm > 0 else brain
+    near = near_intracranial(brain, spacing_xyz, margin_mm)
     return float(np.count_nonzero(mask & near)) / float(np.count_nonzero(mask))
+
+
+def near_intracranial(brain: np.ndarray, spacing_xyz, margin_mm: float) -> np.ndarray:
+    """The intracranial space grown in-plane by `margin_mm` (partial volume at the inner table)."""
+    return ndimage.binary_dilation(brain, structure=in_plane_disk(margin_mm, spacing_xyz)) if margin_mm > 0 else brain

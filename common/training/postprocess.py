@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from common.data.intracranial import in_plane_disk, intracranial_fraction, intracranial_mask
+from common.data.intracranial import intracranial_fraction, intracranial_mask, near_intracranial
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # diagonal neighbours belong to the same blob
 MIN_LESION_HU = 20.0
@@ -72,7 +72,7 @@ def keep_intracranial(mask: np.ndarray, hu: np.ndarray, spacing_xyz, min_fractio
     if brain is None:
         return mask.astype(np.uint8)
     labels, count = ndimage.label(mask, structure=FULL_CONNECTIVITY)
-    near = ndimage.binary_dilation(brain, structure=in_plane_disk(INTRACRANIAL_MARGIN_MM, spacing_xyz))
+    near = near_intracranial(brain, spacing_xyz, INTRACRANIAL_MARGIN_MM)
     inside = ndimage.mean(near.astype(np.float64), labels, index=np.arange(1, count + 1))
     kept = 1 + np.flatnonzero(np.asarray(inside) >= min_fraction)
     return np.isin(labels, kept).astype(np.uint8)
