@@ -7,6 +7,7 @@ orientation and spacing are left to `preprocess.py`.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ import SimpleITK as sitk
 
 from common.data.dicom_geometry import SliceStack, irregularity, regularize
 from common.data.dicom_study import choose_series, find_series, header, tag
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 
 # DICOM tags (group|element) that hemex reads or writes.
 TAG_MODALITY = "0008|0060"
@@ -30,6 +31,15 @@ GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_MAGIC = b"n+1\0"  # at byte 344 (single-file NIfTI-1; "ni1" pairs keep voxels in the .img)
 NIFTI2_MAGIC = b"n+2\0"  # at byte 4
 NIFTI2_HEADER_BYTES = 540
+
+# The largest image hemex reads (voxels x components), checked from the header before any voxel is
+# decompressed or allocated: a 2048^3 all-zero .nii.gz is 16 MB on disk but 8 G voxels (32 GiB once
+# read as float32). 2^30 is generous for head CT: a standard scan is 512 x 512 x 30-700 (at most
+# ~0.2 G), and even a 1024 x 1024 ultra-high-resolution matrix with 1000 slices of 0.25 mm (25 cm of
+# head) stays under it; read as float32 it is 4 GiB, about what one site process can afford beside
+# preprocessing's copies. A site with larger scans raises it with the environment variable below.
+MAX_VOXELS = 1 << 30
+MAX_VOXELS_ENV = "HEMEX_MAX_VOXELS"
 
 
 def dicom_series_files(folder: Path, notes: list[str] | None = None) -> list[str]:
@@ -63,6 +73,13 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
     """
     folder = Path(folder)
     files, other_series = _select_series(folder, notes)
+    first = header(files[0])  # rows, columns (and frames) from the header: the size before any pixel is read
+    if first is not None:
+        size = first.GetSize()
+        depth = len(files) if len(files) > 1 else (size[2] if len(size) > 2 else 1)
+        problem = size_problem((size[0], size[1], depth), first.GetNumberOfComponents())
+        if problem:
+            raise DataError(folder, f"DICOM series {problem}")
     if len(files) == 1:
         return _read_multiframe(files[0], folder, notes)
     try:
@@ -270,13 +287,41 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> str | None:
     return None
 
 
+def max_voxels() -> int:
+    """The voxel limit in force: MAX_VOXELS, or the site's HEMEX_MAX_VOXELS."""
+    value = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not value:
+        return MAX_VOXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"{MAX_VOXELS_ENV}={value!r}: expected a whole number of voxels >= 1")
+    return limit
+
+
+def size_problem(size, components: int = 1) -> str | None:
+    """Why an image of `size` (from its header) is too large to read, or None."""
+    voxels = math.prod(int(n) for n in size) * max(int(components), 1)
+    limit = max_voxels()
+    if voxels <= limit:
+        return None
+    shape = " x ".join(str(int(n)) for n in size) + (f" x {components} components" if components > 1 else "")
+    return (f"size {shape} ({voxels:,} voxels) is over hemex's limit of {limit:,} voxels "
+            f"({MAX_VOXELS_ENV} sets it); not read")
+
+
 def _read_file(path: Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty (0 bytes)")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        reader.ReadImageInformation()  # the header only: nothing decompressed or allocated yet
+        problem = size_problem(reader.GetSize(), reader.GetNumberOfComponents())
+        if problem:
+            raise DataError(path, f"image {problem}")
         problem = _nifti_payload_problem(path, reader)
         if problem is None and path.name.lower().endswith((".mha", ".mhd")):
             problem = _metaimage_payload_problem(path, reader)

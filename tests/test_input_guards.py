@@ -1,0 +1,114 @@
+"""Hostile or broken input files: each refused with one line naming the file and what is wrong,
+by `hemex check` and by the training loaders alike (they share `io`'s readers), never by an
+allocation, a silent zero or a parser's own exception."""
+
+from __future__ import annotations
+
+import gzip
+import resource
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common.data import io
+from common.data.check import check_data_root
+from common.data.contract import Case
+from common.data.preprocess import load_case
+from common.errors import ConfigError, DataError
+
+
+def problems_of(root: Path) -> list[str]:
+    problems, _ = check_data_root(root)
+    return [str(p) for p in problems]
+
+
+# ----------------------------------------------------------------------------------------------
+# Voxel limit, from the header
+
+
+def write_zero_bomb(path: Path, n: int = 2048) -> Path:
+    """A valid n^3 all-zero uint8 .nii.gz (8 GiB of voxels for n = 2048) in about 8 MB: a NIfTI
+    header claiming n^3, then one 16 MiB run of compressed zeros repeated as concatenated gzip
+    members (one stream to every gzip reader). `gzip -dc` of it yields 352 + n^3 bytes."""
+    tiny = path.with_name("tiny.nii")
+    sitk.WriteImage(sitk.Image([1, 1, 1], sitk.sitkUInt8), str(tiny))
+    header = bytearray(tiny.read_bytes()[:352])  # 348-byte NIfTI-1 header + 4-byte extension flag
+    tiny.unlink()
+    struct.pack_into("<3h", header, 42, n, n, n)  # dim[1..3]
+    chunk = 1 << 24
+    zeros = gzip.compress(bytes(chunk), compresslevel=9, mtime=0)
+    with open(path, "wb") as handle:
+        handle.write(gzip.compress(bytes(header), mtime=0))
+        for _ in range(n ** 3 // chunk):
+            handle.write(zeros)
+    return path
+
+
+@pytest.fixture(scope="session")
+def zero_bomb(tmp_path_factory) -> Path:
+    return write_zero_bomb(tmp_path_factory.mktemp("bomb") / "bomb.nii.gz")
+
+
+BOMB_REASON = ("image size 2048 x 2048 x 2048 (8,589,934,592 voxels) is over hemex's limit of 1,073,741,824 "
+               "voxels (HEMEX_MAX_VOXELS sets it); not read")
+
+
+def test_the_bomb_is_what_it_claims(zero_bomb):
+    assert zero_bomb.stat().st_size < 10_000_000
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(zero_bomb))
+    reader.ReadImageInformation()
+    assert reader.GetSize() == (2048, 2048, 2048)
+    with gzip.open(zero_bomb) as stream:  # a complete stream, not a truncated header
+        assert len(stream.read(352 + (1 << 20))) == 352 + (1 << 20)
+
+
+@pytest.mark.parametrize("read", [io.read_ct, io.read_mask])
+def test_a_2048_cubed_zero_nifti_is_refused_from_its_header_without_allocating(zero_bomb, read):
+    # Decompressing it takes ~30 s here and reading it allocates 8-32 GiB: neither may happen.
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        read(zero_bomb)
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024
+    assert str(err.value) == f"{zero_bomb}: {BOMB_REASON}"
+
+
+def test_check_and_the_training_loader_refuse_the_bomb_alike(cohort, zero_bomb):
+    shutil.copy(zero_bomb, cohort / "A/images/a3.nii.gz")  # a3: no mask
+    shutil.copy(zero_bomb, cohort / "A/masks/a2.nii.gz")
+    start = time.perf_counter()
+    assert problems_of(cohort) == [f"A/masks/a2.nii.gz: {BOMB_REASON}", f"A/images/a3.nii.gz: {BOMB_REASON}"]
+    assert time.perf_counter() - start < 10.0  # the rest of the cohort is read as usual
+    with pytest.raises(DataError, match=r"a3.nii.gz: image size 2048 x 2048 x 2048 .* not read$"):
+        load_case(Case("A", "a3", None, cohort / "A/images/a3.nii.gz", None), spacing=(2.0, 2.0, 5.0))
+    with pytest.raises(DataError, match=r"masks/a2.nii.gz: image size 2048 x 2048 x 2048 .* not read$"):
+        load_case(Case("A", "a2", 0, cohort / "A/images/a2.nii", cohort / "A/masks/a2.nii.gz"))
+
+
+def test_the_limit_applies_to_every_format_and_can_be_set(tmp_path, monkeypatch, head_ct, enhanced_copy):
+    image, _ = head_ct()  # 24 x 24 x 6 = 3456 voxels
+    io.write_image(image, tmp_path / "ct.nrrd")
+    io.write_dicom_series(image, tmp_path / "series", "p1")
+    enhanced_copy(tmp_path / "series", tmp_path / "enhanced")
+    monkeypatch.setenv(io.MAX_VOXELS_ENV, "3456")
+    for path in (tmp_path / "ct.nrrd", tmp_path / "series", tmp_path / "enhanced"):
+        assert io.read_ct(path).GetSize() == (24, 24, 6)
+    monkeypatch.setenv(io.MAX_VOXELS_ENV, "3455")
+    limit = "(3,456 voxels) is over hemex's limit of 3,455 voxels (HEMEX_MAX_VOXELS sets it); not read"
+    with pytest.raises(DataError) as err:
+        io.read_ct(tmp_path / "ct.nrrd")
+    assert str(err.value) == f"{tmp_path / 'ct.nrrd'}: image size 24 x 24 x 6 {limit}"
+    for name in ("series", "enhanced"):
+        with pytest.raises(DataError) as err:
+            io.read_ct(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: DICOM series size 24 x 24 x 6 {limit}"
+    monkeypatch.setenv(io.MAX_VOXELS_ENV, "lots")
+    with pytest.raises(ConfigError, match=r"^HEMEX_MAX_VOXELS='lots': expected a whole number of voxels >= 1$"):
+        io.read_ct(tmp_path / "ct.nrrd")
