@@ -112,3 +112,87 @@ def test_the_limit_applies_to_every_format_and_can_be_set(tmp_path, monkeypatch,
     monkeypatch.setenv(io.MAX_VOXELS_ENV, "lots")
     with pytest.raises(ConfigError, match=r"^HEMEX_MAX_VOXELS='lots': expected a whole number of voxels >= 1$"):
         io.read_ct(tmp_path / "ct.nrrd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite voxels in float data
+
+
+def with_values(image: sitk.Image, dtype, change) -> sitk.Image:
+    array = sitk.GetArrayFromImage(image).astype(dtype)
+    change(array)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def nan_slab(array: np.ndarray) -> None:
+    array[2:4] = np.nan  # two of six slices
+    array[0, 0, 0] = np.inf
+    array[5, 0, 0] = -np.inf
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nii"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_infinite_voxels_of_a_float_nifti_are_found_in_the_raw_data(tmp_path, head_ct, name, dtype):
+    image, _ = head_ct()  # 24 x 24 x 6
+    sitk.WriteImage(with_values(image, dtype, nan_slab), str(tmp_path / name))
+    # Why the raw data: ITK's NIfTI reader hands back 0 for every NaN and infinite value.
+    assert np.isfinite(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / name)))).all()
+    reason = ("1,154 of 3,456 stored float values are NaN or infinite (ITK's NIfTI reader would silently turn "
+              "them into 0)")
+    for read in (io.read_ct, io.read_mask):
+        with pytest.raises(DataError) as err:
+            read(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: {reason}"
+
+
+def test_a_value_split_between_two_read_chunks_is_counted(tmp_path):
+    # Float64 voxels from byte 352, chunks of 4 MiB after the 540 header bytes: value 524311
+    # straddles the first chunk boundary.
+    array = np.zeros((160, 64, 64))
+    array.flat[524311] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "big.nii"))
+    with pytest.raises(DataError, match=r"big.nii: 1 of 655,360 stored float values are NaN or infinite"):
+        io.read_ct(tmp_path / "big.nii")
+
+
+def test_other_formats_report_non_finite_voxels_with_their_count(tmp_path, head_ct):
+    image, _ = head_ct()
+    sitk.WriteImage(with_values(image, np.float32, nan_slab), str(tmp_path / "ct.nrrd"))
+    with pytest.raises(DataError) as err:
+        io.read_ct(tmp_path / "ct.nrrd")
+    assert str(err.value) == f"{tmp_path / 'ct.nrrd'}: 1,154 of 3,456 voxel values are NaN or infinite"
+
+
+def test_check_and_the_training_loader_refuse_a_nan_scan_alike(cohort):
+    image = sitk.ReadImage(str(cohort / "A/images/a1.nii.gz"))
+    sitk.WriteImage(with_values(image, np.float32, nan_slab), str(cohort / "A/images/a1.nii.gz"))
+    reason = "1,154 of 3,456 stored float values are NaN or infinite"
+    problems = problems_of(cohort)
+    assert len(problems) == 1 and problems[0].startswith(f"A/images/a1.nii.gz: {reason}")
+    case = Case("A", "a1", 1, cohort / "A/images/a1.nii.gz", cohort / "A/masks/a1.nii.gz")
+    with pytest.raises(DataError, match=f"a1.nii.gz: {reason}"):
+        load_case(case, spacing=(2.0, 2.0, 5.0))
+
+
+def big_endian_nifti(path: Path, array: np.ndarray) -> Path:
+    """A minimal single-file NIfTI-1 in big-endian byte order (as some old scanners wrote them)."""
+    header = bytearray(348)
+    struct.pack_into(">i", header, 0, 348)
+    struct.pack_into(">8h", header, 40, 3, *array.shape[::-1], 1, 1, 1, 1)  # dim: x, y, z
+    struct.pack_into(">2h", header, 70, 16, 32)  # datatype FLOAT32, bitpix
+    struct.pack_into(">8f", header, 76, 1, 1, 1, 1, 0, 0, 0, 0)  # pixdim
+    struct.pack_into(">2f", header, 108, 352, 1)  # vox_offset, scl_slope
+    header[344:348] = b"n+1\0"
+    path.write_bytes(bytes(header) + bytes(4) + array.astype(">f4").tobytes())
+    return path
+
+
+def test_a_big_endian_float_nifti_is_read_in_its_own_byte_order(tmp_path):
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4) - 60
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_ct(big_endian_nifti(tmp_path / "be.nii", array))),
+                                  array)
+    array[1, 2, 3] = np.nan
+    with pytest.raises(DataError, match=r"be.nii: 1 of 120 stored float values are NaN or infinite"):
+        io.read_ct(big_endian_nifti(tmp_path / "be.nii", array))

@@ -10,6 +10,7 @@ import gzip
 import math
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 import zlib
@@ -230,8 +231,9 @@ def read_ct(path: Path, notes: list[str] | None = None) -> sitk.Image:
         raise DataError(path, f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
     image = sitk.Cast(image, sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(values).all():
-        raise DataError(path, "image holds NaN or infinite values")
+    finite = int(np.count_nonzero(np.isfinite(values)))
+    if finite < values.size:
+        raise DataError(path, f"{values.size - finite:,} of {values.size:,} voxel values are NaN or infinite")
     return image
 
 
@@ -333,15 +335,18 @@ def _read_file(path: Path) -> sitk.Image:
 
 
 def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | None:
-    """Why a NIfTI file holds fewer voxel bytes than its header promises (None if complete).
+    """Why a NIfTI file's voxel data cannot be trusted (None if complete and, for float data, finite).
 
     ITK's NIfTI reader zero-fills a file that ends early (an interrupted copy or download) and
-    reports success, so a truncated scan would silently lose its upper slices. One pass: the
-    header, then (compressed files) the rest of the stream, counted without keeping it.
+    reports success, so a truncated scan would silently lose its upper slices; and it turns NaN
+    and infinite float voxels into 0, so a scan with a corrupt slab would read as plausible air.
+    One pass: the header, then the rest of the stream, counted without keeping it (and, for float
+    data, its non-finite values counted chunk by chunk); an uncompressed integer file is only
+    measured.
     """
     with open(path, "rb") as handle:
         gzipped = handle.read(2) == GZIP_MAGIC
-    header, present = b"", 0
+    header, present, counter = b"", 0, None
     try:
         with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as stream:
             header = stream.read(NIFTI2_HEADER_BYTES)
@@ -349,8 +354,13 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
             # also ride along in another format's metadata, so the file's own magic decides.
             if header[344:348] != NIFTI1_MAGIC and header[4:8] != NIFTI2_MAGIC:
                 return None
+            counter = _NonFiniteCounter.for_nifti(header, reader)
             present = len(header)
-            while gzipped and (chunk := stream.read(1 << 22)):
+            if counter is not None:
+                counter.feed(header, 0)
+            while (gzipped or counter is not None) and (chunk := stream.read(1 << 22)):
+                if counter is not None:
+                    counter.feed(chunk, present)
                 present += len(chunk)
     except (EOFError, OSError, zlib.error) as err:  # a cut gzip stream ends without its trailer
         if not header:
@@ -363,7 +373,48 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
     expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
     if present < expected:
         return f"file is truncated: {present} bytes where its header needs {expected}"
+    if counter is not None and counter.count:
+        return (f"{counter.count:,} of {counter.values:,} stored float values are NaN or infinite "
+                "(ITK's NIfTI reader would silently turn them into 0)")
     return None
+
+
+# NIfTI datatype codes of float voxel data, and the float each holds (complex: two per voxel).
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}  # FLOAT32, FLOAT64, COMPLEX64, COMPLEX128
+
+
+class _NonFiniteCounter:
+    """Counts NaN and infinite values in the float voxel data of a byte stream fed in order."""
+
+    def __init__(self, dtype: np.dtype, start: int, length: int):
+        self.dtype, self.start, self.end = dtype, start, start + length
+        self.count, self.values = 0, 0
+        self._pending = b""  # bytes of a value split between two chunks
+
+    @classmethod
+    def for_nifti(cls, header: bytes, reader: sitk.ImageFileReader) -> "_NonFiniteCounter | None":
+        """A counter for the file's voxel data when it is float, else None."""
+        kind = NIFTI_FLOAT_TYPES.get(int(reader.GetMetaData("datatype")))
+        if kind is None:
+            return None
+        # sizeof_hdr (348 or 540) reads right only in the file's own byte order.
+        order = "<" if struct.unpack("<i", header[:4])[0] in (348, NIFTI2_HEADER_BYTES) else ">"
+        ndim = int(reader.GetMetaData("dim[0]"))
+        voxels = int(np.prod([max(int(reader.GetMetaData(f"dim[{i}]")), 1) for i in range(1, ndim + 1)]))
+        start = int(float(reader.GetMetaData("vox_offset")))
+        return cls(np.dtype(order + kind), start, voxels * int(reader.GetMetaData("bitpix")) // 8)
+
+    def feed(self, data: bytes, offset: int) -> None:
+        """`data` lies at byte `offset` of the stream; only its part inside the voxel data counts."""
+        low, high = max(self.start - offset, 0), min(self.end - offset, len(data))
+        if high <= low:
+            return
+        block = self._pending + data[low:high]
+        usable = len(block) - len(block) % self.dtype.itemsize
+        values = np.frombuffer(block, dtype=self.dtype, count=usable // self.dtype.itemsize)
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.values += int(values.size)
+        self._pending = block[usable:]
 
 
 def metaimage_header(path: Path) -> tuple[dict[str, str], int] | None:
