@@ -9,6 +9,9 @@ Handlers (message type -> what the site does on its own data):
   train.cls      local HE-classifier training on ROIs (+ the site's own synthetic HE ROIs)
   evaluate.cls   classifier metrics on local cases; ROIs from reference masks or from the
                  federated segmentation model; validation logits only as class histograms
+                 (the baseline arms, logistic regressions on the NCCT markers, are scored here too)
+  train.baseline the baseline arms' fitting: per-feature moments of the fit cases' markers, then
+                 the summed log-loss, gradient and Hessian at the coordinator's coefficients
 
 Every reply passes `check_reply`: model weights and aggregate scalars, nothing per patient.
 Aggregates of fewer than min-aggregate-cases cases are withheld (counts and `withheld` = 1 only),
@@ -35,7 +38,10 @@ from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model
 from common.training.evaluation import evaluate_segmentation
 from common.synthesis.run import MIN_HE_CASES, load_synthetic, resize_rois, run_synth, usable_he_cases
+from common.baselines import (BASELINE_ARMS, MARKER_MODEL_FEATURES, baseline_logits, feature_matrix, site_moments,
+                              site_newton_terms)
 from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
+from common.training.classification import key as case_key
 from common.training.classification import create_model as create_classifier_model
 from common.metrics.classification import Z95, delong_ci, delong_test
 from common.training.inference import mask_on_grid, segment
@@ -331,17 +337,19 @@ def evaluate_cls(message: Message, context: Context) -> Message:
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
     split = str(config.get("split", "validation"))
+    arms = {k[len("arm."):]: r for k, r in message.content.array_records.items() if k.startswith("arm.")}
     if str(config.get("mask-source", "reference")) == "segmentation" and split == "all":
-        # A held-out centre: every case, on the federated segmentation's masks.
+        # A held-out centre: every case, on the federated segmentation's masks (the baseline arms
+        # read their markers off the same masks).
         provider = segmentation_mask_provider(site, message.content["seg-arrays"])
-        dataset = build_roi_dataset(site.cases, site.cls, mask_provider=provider, with_markers=False)
+        dataset = build_roi_dataset(site.cases, site.cls, mask_provider=provider,
+                                    with_markers=any(a in BASELINE_ARMS for a in arms))
         rois = dataset.cases
     else:
         dataset, _, val = site.roi_dataset(training_mask_provider(site, message))
         rois = val if split == "validation" else dataset.cases
     labels = np.array([r.he for r in rois], dtype=int)
     counts = {"num-examples": len(rois), "num-he": int(labels.sum()), "num-excluded": len(dataset.excluded)}
-    arms = {k[len("arm."):]: r for k, r in message.content.array_records.items() if k.startswith("arm.")}
     if small_group(context, site, len(rois)):
         return reply(message, RecordDict({"metrics": MetricRecord({**counts, WITHHELD: 1})}))
     spend_scorings(context, site, max(1, len(arms)))
@@ -357,6 +365,11 @@ def evaluate_cls(message: Message, context: Context) -> Message:
         return reply(message, RecordDict({"metrics": MetricRecord({**counts, **padded})}))
     logits = {}
     for arm, record in arms.items():
+        if arm in BASELINE_ARMS:  # a logistic regression on the same cases' markers
+            logits[arm] = baseline_logits({k: v.numpy() for k, v in record.items()},
+                                          feature_matrix(dataset.markers, [case_key(r) for r in rois],
+                                                         BASELINE_ARMS[arm]))
+            continue
         model = cls_model(site)
         receive_global(model, record, context, state_stage(arm), site.settings.fedbn)
         logits[arm] = case_logits(model, rois, site.cls) if rois else np.zeros(0)
@@ -393,3 +406,35 @@ def score_metrics(labels: np.ndarray, z: np.ndarray, config: ConfigRecord, prefi
         if (labels == 0).sum():
             metrics["specificity"] = float((~predicted[labels == 0]).mean())
     return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# Baseline arms: logistic regressions on the NCCT markers, fitted on aggregates
+
+
+@app.train("baseline")
+def train_baseline(message: Message, context: Context) -> Message:
+    """The site's part in fitting the baseline arms (server/baselines.py), on the markers of the
+    fit cases the classifier arms train on (reference masks, or the federated segmentation's
+    when its weights ride along). Step "moments": per-feature count, sum and sum of squares.
+    Step "newton": for each model sent ("baseline.<arm>": coefficients, pooled mean and scale),
+    the summed log-loss, gradient and Hessian at those coefficients. Sums only, never a case's
+    values; fewer fit cases than min-aggregate-cases: counts and withheld = 1."""
+    site = site_from_context(context.node_config, context.run_config)
+    dataset, fit, _ = site.roi_dataset(training_mask_provider(site, message))
+    labels = np.array([r.he for r in fit], dtype=int)
+    keys = [case_key(r) for r in fit]
+    if small_group(context, site, len(fit)) or not fit:
+        return reply(message, RecordDict({"metrics": MetricRecord({"num-examples": len(fit), WITHHELD: 1})}))
+    if str(message.content["config"].get("step", "newton")) == "moments":
+        metrics = {"num-examples": len(fit), "num-he": int(labels.sum()),
+                   **site_moments(feature_matrix(dataset.markers, keys, MARKER_MODEL_FEATURES), MARKER_MODEL_FEATURES)}
+        return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+    content = RecordDict()
+    for name, record in message.content.array_records.items():
+        arm = name.removeprefix("baseline.")
+        if name.startswith("baseline.") and arm in BASELINE_ARMS:
+            model = {k: v.numpy() for k, v in record.items()}
+            x = feature_matrix(dataset.markers, keys, BASELINE_ARMS[arm])
+            content[name] = MetricRecord({"num-examples": len(fit), **site_newton_terms(x, labels, model)})
+    return reply(message, content)

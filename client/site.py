@@ -67,9 +67,9 @@ class Site:
         source = "reference" if mask_provider is None else "segmentation"
         if source not in self._rois:
             # Marker features (volume, density, shape) are the auxiliary regression targets of
-            # the classifier; they are computed and used here, on site.
+            # the classifier and the baseline arms' inputs; they are computed and used here, on site.
             dataset = build_roi_dataset(self.cases, self.cls, mask_provider=_or_reference(mask_provider),
-                                        with_markers=self.cls.aux_weight > 0,
+                                        with_markers=self.cls.aux_weight > 0 or "baselines" in self.settings.arms,
                                         reference_markers=mask_provider is not None)
             # Split each source centre on its own, so that the pooled node holds out exactly the
             # cases the training centres hold out.

@@ -222,7 +222,8 @@ def cmd_simulate(args) -> int:
                       "centre")
     else:
         console.print(f"Study: train {', '.join(settings.train_centers)}; held out {', '.join(settings.test_centers)}; "
-                      "arms: federated, no-synthesis, local-only per centre, centralized")
+                      "arms: federated, no-synthesis, local-only per centre, centralized; baselines: volume-only, "
+                      "markers-only")
     run_study(settings, Path(args.out), leave_one_out=args.leave_one_out, cohort=cohort, console=console)
     return 0
 

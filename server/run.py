@@ -26,6 +26,7 @@ from common.training.classification import ClassifierSettings, save_classifier
 from common.training.classification import create_model as create_classifier_model
 from common.training.segmentation import seed_everything
 from common.training.settings import SegmentationSettings
+from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings
 from server.grid import StageGrid, error_summary
 from server.guard import GuardedStrategy, RunFailed, train_reply_problem
@@ -57,7 +58,8 @@ class FederatedRun:
         cls_arms = 1 + ("no-synthesis" in s.arms and s.synthesis != "none")
         alone = any(a in s.arms for a in ("local", "centralized"))
         synth = s.cls_rounds > 0 and s.synthesis != "none"
-        cls = (s.cls_rounds * cls_arms + alone + 2) if s.cls_rounds > 0 else 0
+        baselines = "baselines" in s.arms
+        cls = (s.cls_rounds * cls_arms + alone + baselines + 2) if s.cls_rounds > 0 else 0
         return s.seg_rounds + 1 + synth + cls
 
     def progress(self, text: str) -> None:
@@ -294,7 +296,12 @@ class FederatedRun:
         # Classifier ROIs cut on the federated segmentation's masks (cls-masks = segmentation):
         # its weights travel with every classifier message to the training sites.
         attach = {"seg-arrays": seg_arrays} if self.settings.cls_masks == "segmentation" else {}
-        arms = self.train_arms(attach)
+        return self.score_arms(self.train_arms(attach), seg_arrays, attach)
+
+    def score_arms(self, arms: dict[str, ArrayRecord], seg_arrays: ArrayRecord,
+                   attach: dict) -> tuple[ArrayRecord, dict]:
+        """Operating point of every arm from the training sites' validation histograms, then every
+        arm scored at the held-out centres in one message, on the same delivered masks."""
         train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
         validation = self.send("evaluate.cls", train_nodes, RecordDict(
             {**{f"arm.{a}": w for a, w in arms.items()}, **attach,
@@ -356,6 +363,8 @@ class FederatedRun:
             alone["centralized"] = (POOLED, False)  # synthetic ROIs stay at their sites
         if alone:
             arms.update(self.train_alone(initial, alone, attach))
+        if "baselines" in s.arms:  # volume-only and markers-only logistic regressions, same sites and markers
+            arms.update(fit_baselines(self, attach))
         return arms
 
     def no_site_kept_synthetic(self) -> bool:

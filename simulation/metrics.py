@@ -28,6 +28,10 @@ ARM_DESCRIPTIONS = {
     "federated": "federated rounds over the training centres, with on-site synthesis when enabled",
     "no-synthesis": "the federated arm without synthetic ROIs (same rounds, seeds and budget)",
     "centralized": "all training centres' cases pooled on one node (upper reference; no synthesis)",
+    "volume-only": "logistic regression on the log hematoma volume alone, fitted over the training centres from "
+                   "aggregates (the clinical baseline; no image, no synthesis)",
+    "markers-only": "logistic regression on the 7 NCCT markers (volume, density, heterogeneity, hypodensity, shape, "
+                    "islands), fitted over the training centres from aggregates (no image, no synthesis)",
 }
 
 
@@ -183,8 +187,9 @@ def study_metrics(folds: list[dict], data_root: Path, seed: int, cohort: str | N
                                                         for k in ("threshold", "calib-a", "calib-b", "n")}
     for slot in arms.values():
         slot["pooled"] = pooled_entry(slot["centers"], oracle)
-    # Arms in reading order whatever fold introduced them: federated, ablation, local-only, centralized.
-    rank = {"federated": 0, "no-synthesis": 1, "centralized": 3}
+    # Arms in reading order whatever fold introduced them: federated, ablation, local-only, centralized,
+    # then the marker baselines.
+    rank = {"federated": 0, "no-synthesis": 1, "centralized": 3, "volume-only": 4, "markers-only": 5}
     arms = dict(sorted(arms.items(), key=lambda item: (rank.get(item[0], 2), item[0])))
     metrics = {"format": FORMAT, "seed": seed, "cohort": cohort, "data_root": str(data_root),
                "folds": train_by_fold, "test_centers": test_centers, "arms": arms,

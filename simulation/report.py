@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
+from common.baselines import BASELINE_ARMS  # noqa: E402
 from common.federation import binned  # noqa: E402
 from common.synthesis.audit import REALISM_RULE  # noqa: E402
 
@@ -179,6 +180,13 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
               + "Where the profile fuses the NCCT markers into the classifier (`marker_fusion`, on in every "
               "built-in profile), they are measured on that segmentation too, so its errors reach both inputs. "
               "Held-out centres never trained any model.", ""]
+    if any(arm in arms for arm in BASELINE_ARMS):
+        lines += ["The `volume-only` and `markers-only` arms are logistic regressions on the NCCT markers of the same "
+                  "masks (at the training sites those the classifier trains on; at the held-out centres the delivered "
+                  "masks the other arms are scored on), fitted over the training centres from per-site sums (feature "
+                  "moments, then Newton steps on summed gradients and Hessians: the pooled fit, no marker leaves a "
+                  "site). They show what the images add: a classifier arm below them has learned less than the "
+                  "markers alone carry.", ""]
     lines += ["## Arms", "", "| arm | what it is |", "|---|---|"]
     lines += [f"| {arm} | {slot['description']} |" for arm, slot in arms.items()]
     lines += ["", "## Pooled external result", "",

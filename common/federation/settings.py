@@ -25,7 +25,9 @@ CLS_MASKS = ("reference", "segmentation")
 #   no-synthesis  the same rounds, seeds and budget without synthetic ROIs (ablation)
 #   local         each training centre alone, same total epochs (one model per centre)
 #   centralized   one virtual node holding every training centre's cases (simulation only)
-ARMS = ("federated", "no-synthesis", "local", "centralized")
+#   baselines     the volume-only and markers-only logistic regressions on the NCCT markers,
+#                 fitted over the training centres from aggregates (server/baselines.py)
+ARMS = ("federated", "no-synthesis", "local", "centralized", "baselines")
 POOLED = "pooled"  # the centralized arm's virtual node
 
 
@@ -122,12 +124,14 @@ class FederationSettings:
     @property
     def cls_scorings_needed(self) -> int:
         """Classifier models a training site scores in a run: one per round of each arm trained in
-        rounds, then every arm once on its validation cases (held-out sites score only the arms)."""
+        rounds, then every arm once on its validation cases (held-out sites score only the arms).
+        The two baseline arms are fitted without scoring (aggregate Newton terms) and scored once."""
         if self.cls_rounds == 0:
             return 0
         no_synthesis = "no-synthesis" in self.arms and self.synthesis != "none"
         n_train = len(self.train_centers) if self.centers else 1
-        arms = 1 + no_synthesis + ("local" in self.arms) * n_train + ("centralized" in self.arms)
+        arms = (1 + no_synthesis + ("local" in self.arms) * n_train + ("centralized" in self.arms)
+                + 2 * ("baselines" in self.arms))
         return self.cls_rounds * (1 + no_synthesis) + arms
 
     @property
