@@ -439,7 +439,7 @@ def test_mask_on_dicom_image_grid_is_checked(cohort, head_ct):
     (lambda p, m: p.write_bytes(b"not a mask"), "cannot read image"),
     (lambda p, m: io.write_image(m[:, :, 0], p), "expected a 3D mask"),
     (lambda p, m: io.write_image(sitk.Compose([m, m]), p), "expected a scalar mask"),
-    (lambda p, m: io.write_image(_multilabel(m), p), "not binary: 3 distinct values (0, 1, 2)"),
+    (lambda p, m: io.write_image(_multilabel(m), p), "2 different nonzero labels (3 distinct values: 0, 1, 2)"),
     (lambda p, m: io.write_image(m * 0, p), "empty mask but he=1 is known"),
 ])
 def test_bad_mask_content(cohort, head_ct, write, phrase):

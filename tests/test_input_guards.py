@@ -196,3 +196,69 @@ def test_a_big_endian_float_nifti_is_read_in_its_own_byte_order(tmp_path):
     array[1, 2, 3] = np.nan
     with pytest.raises(DataError, match=r"be.nii: 1 of 120 stored float values are NaN or infinite"):
         io.read_ct(big_endian_nifti(tmp_path / "be.nii", array))
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: 0 and one whole-number hematoma label
+
+
+def soft_mask(mask: sitk.Image) -> sitk.Image:
+    """A probability-like map: background 0.11, lesion 0.48 (every voxel nonzero)."""
+    return with_values(mask, np.float32, lambda a: a.__setitem__(slice(None), np.where(a > 0, 0.48, 0.11)))
+
+
+def three_labels(mask: sitk.Image) -> sitk.Image:
+    return with_values(mask, np.uint8, lambda a: a[:, :, :4].__setitem__(slice(None), 2))
+
+
+SOFT = ("mask holds non-integer values (2 distinct: 0.11, 0.48): a probability or soft map, not a label mask "
+        "(0 background, one whole-number hematoma label); threshold it before export")
+MULTI = ("mask holds 2 different nonzero labels (3 distinct values: 0, 1, 2): a multi-label map; hemex reads 0 "
+         "as background and one hematoma label, so export the hematoma label alone")
+
+
+@pytest.mark.parametrize("make, reason", [(soft_mask, SOFT), (three_labels, MULTI)])
+def test_soft_and_multi_label_masks_are_refused_naming_the_values(tmp_path, head_ct, make, reason):
+    _, mask = head_ct()
+    io.write_image(make(mask), tmp_path / "mask.nii.gz")
+    with pytest.raises(DataError) as err:
+        io.read_mask(tmp_path / "mask.nii.gz")
+    assert str(err.value) == f"{tmp_path / 'mask.nii.gz'}: {reason}"
+
+
+@pytest.mark.parametrize("values, shown", [
+    ((0.0, 1.0, 0.5), "non-integer values (3 distinct: 0, 0.5, 1)"),
+    ((0.0, 1.0, np.nan), "non-integer values (3 distinct: 0, 1, nan)"),  # NaN in an .nrrd (NIfTI: raw check)
+    ((0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0), "7 different nonzero labels (8 distinct values: 0, 1, 2, 3, 4, 5, ...)"),
+    ((1.0, 2.0), "2 different nonzero labels (2 distinct values: 1, 2)"),  # no 0 background at all
+])
+def test_mask_values_named_in_the_refusal(tmp_path, head_ct, values, shown):
+    _, mask = head_ct()
+    labels = np.resize(np.asarray(values, np.float32), sitk.GetArrayViewFromImage(mask).shape)
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(mask)
+    io.write_image(image, tmp_path / "mask.nrrd")
+    with pytest.raises(DataError, match=f"mask.nrrd: mask holds {shown.replace('(', '[(]').replace(')', '[)]')}"):
+        io.read_mask(tmp_path / "mask.nrrd")
+
+
+@pytest.mark.parametrize("values", [(0, 1), (0, 255), (0.0, 1.0), (0,), (0, 7)])
+def test_zero_and_one_whole_number_label_is_a_mask(tmp_path, head_ct, values):
+    _, mask = head_ct()
+    array = sitk.GetArrayFromImage(mask)
+    stored = np.where(array > 0, values[-1], values[0]).astype(np.float32 if isinstance(values[0], float) else np.uint8)
+    image = sitk.GetImageFromArray(stored)
+    image.CopyInformation(mask)
+    io.write_image(image, tmp_path / "mask.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "mask.nii.gz")),
+                                  (stored != 0).astype(np.uint8))
+
+
+def test_check_and_the_training_loader_refuse_a_soft_mask_alike(cohort):
+    mask = sitk.ReadImage(str(cohort / "A/masks/a1.nii.gz"))
+    io.write_image(soft_mask(mask), cohort / "A/masks/a1.nii.gz")
+    assert problems_of(cohort) == [f"A/masks/a1.nii.gz: {SOFT}"]
+    case = Case("A", "a1", 1, cohort / "A/images/a1.nii.gz", cohort / "A/masks/a1.nii.gz")
+    with pytest.raises(DataError) as err:
+        load_case(case, spacing=(2.0, 2.0, 5.0))
+    assert str(err.value) == f"{cohort / 'A/masks/a1.nii.gz'}: {SOFT}"

@@ -369,7 +369,8 @@ def axis_spacings(image: sitk.Image) -> tuple[list[float], float]:
 
 
 def _check_mask(root: Path, path: Path, image: sitk.Image | None, he: int | None) -> list[Problem]:
-    """Mask readable, on the image grid, binary, and not empty when the case is labelled."""
+    """Mask readable and a label mask (both `io.read_mask`, as training reads it), on the image grid,
+    and not empty when the case is labelled."""
     where = _rel(path, root)
     try:
         mask = io.read_mask(path)
@@ -382,13 +383,6 @@ def _check_mask(root: Path, path: Path, image: sitk.Image | None, he: int | None
         difference = io.same_grid(image, mask)
         if difference:
             problems.append(Problem(where, f"mask not on the image grid: {difference}"))
-    # read_mask has already binarised (nonzero = hematoma); binariness needs the stored labels.
-    stored = sitk.ReadImage(str(path))  # keep a reference: an array view does not keep its image alive
-    labels = np.unique(sitk.GetArrayViewFromImage(stored))
-    if labels.size > 2:
-        shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if labels.size > 6 else "")
-        problems.append(Problem(where, f"not binary: {labels.size} distinct values ({shown}); a multi-label map "
-                                "would be read as all-hematoma"))
     if he is not None and not sitk.GetArrayViewFromImage(mask).any():
         problems.append(Problem(where, f"empty mask but he={he} is known: a labelled case must show its hematoma"))
     return problems

@@ -5,7 +5,8 @@
         cases.csv                  header row; required columns: case_id, he
         images/<case_id>.nii.gz    baseline NCCT in HU (or .nii, .nrrd, .mha, .mhd + its data file,
                                    or <case_id>/ = DICOM series)
-        masks/<case_id>.nii.gz     optional hematoma mask (nonzero = hematoma), same grid as the image
+        masks/<case_id>.nii.gz     optional hematoma mask, same grid as the image: 0 background and one
+                                   whole-number hematoma label (1, 255, ...; `io.mask_values_problem`)
       truth.csv                    synthetic cohorts only; never read by training code
 
 This module only parses the layout and the table; `check.py` reports every violation at once,

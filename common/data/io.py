@@ -267,14 +267,43 @@ def slice_spacing_mm(path: Path) -> float:
 
 
 def read_mask(path: Path) -> sitk.Image:
-    """Hematoma mask as uint8 {0, 1} (nonzero = hematoma)."""
+    """Hematoma mask as uint8 {0, 1}. The stored mask holds 0 (background) and at most one other
+    value, a whole number (1, 255, ...: the hematoma); see `mask_values_problem`."""
     path = Path(path)
     image = _read_file(path)
     if image.GetDimension() != 3:
         raise DataError(path, f"expected a 3D mask, got {image.GetDimension()}D")
     if image.GetNumberOfComponentsPerPixel() != 1:  # NotEqual below would raise a raw ITK RuntimeError
         raise DataError(path, f"expected a scalar mask, got {image.GetNumberOfComponentsPerPixel()} components")
+    problem = mask_values_problem(sitk.GetArrayViewFromImage(image))  # `image` keeps the view's memory alive
+    if problem:
+        raise DataError(path, problem)
     return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8)
+
+
+def mask_values_problem(values: np.ndarray) -> str | None:
+    """Why stored mask values are not a hematoma label mask, or None.
+
+    The rule: 0 is background and every other voxel holds one and the same whole number, the
+    hematoma label (1, or 255 as some tools write). Anything else is refused rather than guessed
+    at: non-integer values are a probability or soft map (read as nonzero = hematoma, a
+    background of 0.11 would make every voxel hematoma), and several labels are a multi-label
+    map (hematoma, edema, ventricles...) whose hematoma label hemex cannot know.
+    """
+    nonzero = values[values != 0]  # NaN counts as nonzero, and fails the tests below
+    if nonzero.size == 0:
+        return None
+    low, high = nonzero.min(), nonzero.max()
+    if low == high and float(low).is_integer():
+        return None
+    found = np.unique(values)  # sorted, NaN last; only on this error path
+    shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if found.size > 6 else "")
+    if not np.isfinite(found).all() or not np.all(found == np.round(found)):
+        return (f"mask holds non-integer values ({found.size} distinct: {shown}): a probability or soft map, "
+                "not a label mask (0 background, one whole-number hematoma label); threshold it before export")
+    labels = int(np.count_nonzero(found))
+    return (f"mask holds {labels} different nonzero labels ({found.size} distinct values: {shown}): a multi-label "
+            "map; hemex reads 0 as background and one hematoma label, so export the hematoma label alone")
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> str | None:
