@@ -262,3 +262,155 @@ def test_check_and_the_training_loader_refuse_a_soft_mask_alike(cohort):
     with pytest.raises(DataError) as err:
         load_case(case, spacing=(2.0, 2.0, 5.0))
     assert str(err.value) == f"{cohort / 'A/masks/a1.nii.gz'}: {SOFT}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Malformed DICOM: a DataError naming the file (or the folder and its files), never pydicom's or
+# ITK's own exception, in the readers, `hemex check` and the site's info path (slice_spacing_mm)
+
+
+@pytest.fixture(scope="module")
+def dicom_series(tmp_path_factory) -> Path:
+    from conftest import synthetic_head_ct
+
+    folder = tmp_path_factory.mktemp("dicom") / "series"
+    image, _ = synthetic_head_ct()  # 6 slices, 5 mm apart
+    io.write_dicom_series(image, folder, "p1")
+    return folder
+
+
+def copy_series(series: Path, folder: Path) -> list[Path]:
+    shutil.copytree(series, folder)
+    return [Path(f) for f in io.dicom_series_files(folder)]  # position order
+
+
+def truncate(path: Path, keep: int | float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+
+
+def without(path: Path, *keywords: str) -> None:
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    for keyword in keywords:
+        delattr(dataset, keyword)
+    dataset.save_as(path)
+
+
+def without_preamble(path: Path) -> None:
+    """The dataset alone, implicit VR: no 128-byte preamble, no DICM prefix, no file meta (older
+    exports; GDCM reads them, pydicom only with force=True)."""
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.preamble = None
+    pydicom.dcmwrite(path, dataset, implicit_vr=True, little_endian=True, enforce_file_format=False)
+
+
+BREAKS = {  # what to do to the files of a copied series (in position order)
+    "one slice garbage": lambda f: f[2].write_bytes(np.random.default_rng(0).bytes(3000)),
+    "one slice cut in its header": lambda f: truncate(f[2], 400),
+    "one slice cut in its pixels": lambda f: truncate(f[2], 0.9),
+    "one slice without pixel data": lambda f: without(f[2], "PixelData"),
+    "one slice without position": lambda f: without(f[2], "ImagePositionPatient"),
+    "every slice without preamble": lambda f: [without_preamble(p) for p in f],
+    "every slice cut in its pixels": lambda f: [truncate(p, 0.9) for p in f],
+    "every slice without pixel data": lambda f: [without(p, "PixelData") for p in f],
+    "every slice garbage": lambda f: [p.write_bytes(np.random.default_rng(1).bytes(2000)) for p in f],
+}
+
+
+@pytest.mark.parametrize("how", BREAKS)
+def test_a_broken_series_reads_or_fails_with_one_line_naming_it(tmp_path, dicom_series, how):
+    folder = tmp_path / "case"
+    BREAKS[how](copy_series(dicom_series, folder))
+    for read in (io.read_ct, io.slice_spacing_mm):
+        try:
+            read(folder)
+        except DataError as err:  # anything else escapes and fails the test
+            assert str(err).startswith(str(folder)) and "\n" not in str(err), str(err)
+
+
+def test_files_without_the_dicm_preamble_are_read_by_every_dicom_path(tmp_path, dicom_series):
+    # GDCM reads them, so the volume loads; pydicom refused them, and its InvalidDicomError came out
+    # of slice_spacing_mm, the site's info reply, and out of the DICOM SEG writer.
+    from common.inference.dicom_seg import write_dicom_seg
+
+    files = copy_series(dicom_series, tmp_path / "case")
+    for file in files:
+        without_preamble(file)
+        assert file.read_bytes()[128:132] != b"DICM"
+    image = io.read_ct(tmp_path / "case")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(io.read_ct(dicom_series)))
+    assert io.slice_spacing_mm(tmp_path / "case") == pytest.approx(5.0)
+    mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    assert write_dicom_seg(tmp_path / "case", mask, tmp_path / "mask.seg.dcm", "1").is_file()
+
+
+def test_a_slice_the_geometry_cannot_use_is_named(tmp_path, dicom_series):
+    files = copy_series(dicom_series, tmp_path / "case")
+    without(files[2], "ImagePositionPatient")
+    with pytest.raises(DataError) as err:
+        io.slice_spacing_mm(tmp_path / "case")
+    assert str(err.value) == f"{files[2]}: DICOM file lacks ImagePositionPatient (truncated, or not a CT image)"
+
+
+def test_a_folder_whose_every_file_is_broken_names_them(tmp_path, dicom_series, enhanced_copy):
+    files = copy_series(dicom_series, tmp_path / "case")
+    for file in files[1:]:
+        file.unlink()
+    truncate(files[0], 400)
+    (tmp_path / "case/garbage.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
+    enhanced = enhanced_copy(dicom_series, tmp_path / "enhanced") / "enhanced.dcm"
+    without(enhanced, "PixelData")
+    (tmp_path / "case/sub").mkdir()
+    enhanced.rename(tmp_path / "case/sub/enhanced.dcm")
+    (tmp_path / "case/notes.txt").write_text("not DICOM\n")
+    reason = ("no DICOM series found in folder; 3 file(s) look like DICOM but hold no readable image (truncated, "
+              f"corrupt or no pixel data): {files[0].name}, garbage.dcm, sub/enhanced.dcm")
+    for read in (io.read_ct, io.slice_spacing_mm):
+        with pytest.raises(DataError) as err:
+            read(tmp_path / "case")
+        assert str(err.value) == f"{tmp_path / 'case'}: {reason}"
+
+
+@pytest.mark.parametrize("content, reason", [
+    (lambda: np.random.default_rng(0).bytes(3000), "DICOM file lacks ImagePositionPatient, PixelData (truncated, or not a CT image)"),
+    (lambda: b"", "DICOM file lacks ImagePositionPatient, PixelData (truncated, or not a CT image)"),
+    (lambda: deflated_garbage(), "cannot read DICOM file: Error -3 while decompressing data: invalid block type"),
+])
+def test_read_dicom_dataset_turns_every_parse_failure_into_a_data_error(tmp_path, content, reason):
+    path = tmp_path / "x.dcm"
+    path.write_bytes(content())
+    with pytest.raises(DataError) as err:
+        io.read_dicom_dataset(path, pixels=True, required=("ImagePositionPatient",))
+    assert str(err.value) == f"{path}: {reason}"
+    with pytest.raises(DataError, match=r"missing.dcm: cannot read DICOM file: .*No such file"):
+        io.read_dicom_dataset(tmp_path / "missing.dcm")
+
+
+def deflated_garbage() -> bytes:
+    """A valid file meta header announcing Deflated Explicit VR Little Endian, then garbage."""
+    from io import BytesIO
+
+    import pydicom
+
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buffer = BytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, meta)
+    return b"\0" * 128 + b"DICM" + buffer.getvalue() + np.random.default_rng(0).bytes(200)
+
+
+def test_check_reports_a_broken_dicom_case_and_goes_on(cohort):
+    files = [Path(f) for f in io.dicom_series_files(cohort / "B/images/b2")]
+    for file in files:
+        truncate(file, 0.9)
+    problems = problems_of(cohort)
+    assert len(problems) == 1 and problems[0].startswith(
+        "B/images/b2: no DICOM series found in folder; 6 file(s) look like DICOM but hold no readable image")

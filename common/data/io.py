@@ -20,13 +20,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.dicom_geometry import SliceStack, irregularity, regularize
-from common.data.dicom_study import choose_series, find_series, header, tag
+from common.data.dicom_study import MAX_DEPTH, choose_series, find_series, header, tag
 from common.errors import ConfigError, DataError
 
 # DICOM tags (group|element) that hemex reads or writes.
 TAG_MODALITY = "0008|0060"
 TAG_RESCALE_INTERCEPT = "0028|1052"
 TAG_RESCALE_SLOPE = "0028|1053"
+SLICE_GRID = ("ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")  # a slice's in-plane geometry
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_MAGIC = b"n+1\0"  # at byte 344 (single-file NIfTI-1; "ni1" pairs keep voxels in the .img)
@@ -55,7 +56,11 @@ def _select_series(folder: Path, notes: list[str] | None) -> tuple[list[str], li
     """(the chosen series' files, the files of the series not chosen: accounted for, not strays)."""
     series = find_series(folder)
     if not series:
-        raise DataError(folder, "no DICOM series found in folder")
+        unreadable = _dicom_like_files(folder)
+        raise DataError(folder, "no DICOM series found in folder" + (
+            f"; {len(unreadable)} file(s) look like DICOM but hold no readable image (truncated, corrupt or "
+            f"no pixel data): {', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}"
+            if unreadable else ""))
     chosen, note = choose_series(folder, series)
     if note:
         _note(notes, note)
@@ -140,17 +145,50 @@ def _left_out_files(folder: Path, used: list[str], other_series: list[str] = ())
         if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR" \
                 or os.path.realpath(path) in used_paths:
             continue
-        name = os.path.relpath(path, folder)
-        if path.suffix.lower() in (".dcm", ".ima"):
-            out.append(name)
-            continue
-        try:
-            with open(path, "rb") as handle:
-                if handle.read(132)[128:] == b"DICM":
-                    out.append(name)
-        except OSError:  # unreadable here: it cannot be in the volume either
-            out.append(name)
+        if _looks_like_dicom(path):
+            out.append(os.path.relpath(path, folder))
     return out
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A .dcm / .ima name or the DICM preamble (an unreadable file counts: it may be one)."""
+    if path.suffix.lower() in (".dcm", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return True
+
+
+def _dicom_like_files(folder: Path) -> list[str]:
+    """Names (relative to `folder`) of the files that look like DICOM, as deep as series are searched."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        depth = len(Path(directory).relative_to(folder).parts)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if depth < MAX_DEPTH else []
+        paths = (Path(directory) / name for name in sorted(files)
+                 if not name.startswith(".") and name.upper() != "DICOMDIR")
+        found += [os.path.relpath(path, folder) for path in paths if _looks_like_dicom(path)]
+    return found
+
+
+def read_dicom_dataset(file, pixels: bool = False, required: tuple[str, ...] = ()):
+    """One DICOM file as a pydicom dataset (headers only unless `pixels`), or a DataError naming
+    the file: never pydicom's own exception. Read with force=True because GDCM, which builds the
+    volume, also reads files without the 128-byte preamble and DICM prefix (older exports); pydicom
+    then reads a truncated file as far as it goes, so the attributes the caller needs (`required`,
+    keywords) are checked here rather than failing later without the file's name."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(file, force=True, stop_before_pixels=not pixels)
+        missing = [name for name in (*required, *(("PixelData",) if pixels else ())) if name not in dataset]
+    except Exception as err:  # noqa: BLE001 - a parser of untrusted bytes: whatever it raises, the file is malformed
+        raise DataError(file, f"cannot read DICOM file: {error_message(err)}") from err
+    if missing:
+        raise DataError(file, f"DICOM file lacks {', '.join(missing)} (truncated, or not a CT image)")
+    return dataset
 
 
 def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.Image:
@@ -158,8 +196,6 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
     volume. GDCM reads its pixels and rescale, but stacks the frames in file order at one step,
     so a tilted, gapped or unordered acquisition would come out misplaced; the volume is always
     rebuilt from each frame's own position (exact for a regular stack)."""
-    import pydicom
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -168,8 +204,8 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
     except RuntimeError as err:
         raise DataError(folder, f"cannot read enhanced DICOM image: {error_message(err)}") from err
     _require_ct(tag(reader, TAG_MODALITY), folder)
+    header = read_dicom_dataset(file)
     try:
-        header = pydicom.dcmread(file, stop_before_pixels=True)
         stack = SliceStack.from_multiframe(header)
         rescales = _frame_rescales(header)
         problem = irregularity(stack)
@@ -243,11 +279,13 @@ def slice_spacing_mm(path: Path) -> float:
     series reports its median slice step along the slice normal, as `read_ct` rebuilds it."""
     path = Path(path)
     if path.is_dir():
-        import pydicom
-
         files = dicom_series_files(path)
+        # A multi-frame image carries its geometry per frame (checked where it is read); single
+        # frames each need their position, and the first its orientation and pixel grid.
+        required = () if len(files) == 1 else ("ImagePositionPatient",)
+        headers = [read_dicom_dataset(f, required=required + (SLICE_GRID if k == 0 and required else ()))
+                   for k, f in enumerate(files)]
         try:
-            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
             steps = np.diff(np.sort(SliceStack.from_datasets(headers).along_normal()))
         except (ValueError, AttributeError, KeyError, IndexError, TypeError) as err:
             raise DataError(path, f"DICOM slice geometry: {err}") from err

@@ -17,17 +17,16 @@ import SimpleITK as sitk
 
 from common import __version__
 from common.data.dicom_geometry import SliceStack, sample_on_slices
-from common.data.io import dicom_series_files
+from common.data.io import dicom_series_files, read_dicom_dataset
 from common.errors import DataError
 
 
 def write_dicom_seg(series_folder: Path, mask: sitk.Image, path: Path, model_version: str) -> Path:
     """Write `mask` (uint8 on the series' own grid) as a DICOM SEG at `path` (atomically)."""
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
-    sources = [pydicom.dcmread(f) for f in dicom_series_files(Path(series_folder))]
+    sources = [read_dicom_dataset(f, pixels=True) for f in dicom_series_files(Path(series_folder))]
     for source in sources:  # in memory only: the series on disk is never changed
         fill_deidentified(source)
     try:
