@@ -1,6 +1,14 @@
-"""Ablation of on-site synthesis (issue 5, item 7): does adding synthetic HE ROIs help the ViT?
+"""On-site synthesis: how much realism costs (--curve), and whether synthetic HE ROIs help the ViT.
 
-One run, one budget for every arm:
+Learning curves (--curve): each training centre's generator, trained on that centre's HE ROIs as
+`hemex synth` and the federation train it, for each approach (GEN-OBJECTIVE, e.g. ukan-flow,
+ukan-epsilon, unet-flow); after every checkpoint the EMA model samples as many candidates as
+the site would need, and the bench reports training seconds, the realism gate's MMD^2 and
+threshold, k-NN precision/recall and the memorization audit's NN distance ratio.
+
+    .venv/bin/python bench/synth_bench.py --curve --data runs/paper-seed1/cohort-paper-seed1 --out runs/bench-curve
+
+Ablation (default): does adding synthetic HE ROIs help the ViT? One run, one budget for every arm:
 
     arms      none | ukan 1:2 | ukan 1:1 | unet 1:2 | unet 1:1   (default)
               controls, on request: copy R (real HE training ROIs repeated to ratio R: plain
@@ -69,7 +77,14 @@ def main(argv=None) -> int:
                              "trains that arm's classifier with seed + N (e.g. none#1: the seed-to-seed spread)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/bench-synth")
+    parser.add_argument("--curve", action="store_true", help="learning curves per training centre instead of the ablation")
+    parser.add_argument("--approaches", default="ukan-flow,ukan-epsilon,ukan-v",
+                        help="--curve: comma-separated GEN-OBJECTIVE (GEN ukan or unet; OBJECTIVE flow, epsilon or v)")
+    parser.add_argument("--checkpoints", default="100,200,400,600,800,1200",
+                        help="--curve: training steps after which the generator is sampled and scored")
     args = parser.parse_args(argv)
+    if args.curve:
+        return learning_curves(args)
 
     import torch
 
@@ -160,7 +175,7 @@ def main(argv=None) -> int:
         accepted = images[keep]
         accepted_masks = masks[keep] if masks is not None else None
         record = {"parameters": count_parameters(trained.model), **trained.summary(),
-                  "seconds_per_sample": sample_seconds / max(1, n_candidates), "ddim_steps": settings.ddim_steps,
+                  "seconds_per_sample": sample_seconds / max(1, n_candidates), "sample_steps": settings.sample_steps,
                   "audit": audit["summary"]}
         if len(accepted) >= 2:
             record["feature_distance"] = feature_distance(gen_images, accepted, seed=0)
@@ -220,6 +235,89 @@ def main(argv=None) -> int:
     tmp = out / ".synth_bench.md.tmp"
     tmp.write_text(table, encoding="utf-8")
     os.replace(tmp, out / "synth_bench.md")
+    print(table)
+    return 0
+
+
+def learning_curves(args) -> int:
+    """Quality against training time for each approach at each training centre (see the module note)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from common.config import load_profile
+    from common.synthesis.audit import feature_distance, memorization_audit, realism_verdict
+    from common.synthesis.diffusion import sample, train_generator
+    from common.synthesis.ratio import synthetic_needed
+    from common.synthesis.run import generator_inputs, load_center_rois
+    from common.synthesis.settings import synthesis_settings
+
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(args.profile)
+    windows = [tuple(w) for w in profile["preprocess"]["windows"]]
+    base = synthesis_settings(profile)
+    checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c})
+    rows = []
+    for center in [c for c in args.train_centers.split(",") if c]:
+        rois = load_center_rois(Path(args.data), center, base, windows, include_nhe=True)
+        he = rois.labels == 1
+        real_he, real_nhe = rois.images[he], rois.images[~he]
+        k = base.slices_per_case
+        n = max(2, int(math.ceil(synthetic_needed(rois.n_he_cases * k, rois.n_nhe_cases * k, base.ratio)
+                                 * base.oversample)))
+        class_distance = feature_distance(real_he, real_nhe, seed=0)["real_vs_synthetic"] if len(real_nhe) >= 2 \
+            else None
+        log(f"{center}: {int(he.sum())} HE ROIs, {n} candidates per checkpoint, real NHE vs HE MMD^2 {class_distance}")
+        for approach in [a for a in args.approaches.split(",") if a]:
+            generator, _, objective = approach.partition("-")
+            settings = base.with_overrides(generator=generator, objective=objective or base.objective,
+                                           train_steps=max(checkpoints))
+            inputs = generator_inputs(rois, settings)
+            timing = {"train": 0.0, "last": time.perf_counter()}
+
+            def score(step, trained):
+                if step not in checkpoints:
+                    return
+                timing["train"] += time.perf_counter() - timing["last"]
+                t0 = time.perf_counter()
+                candidates = sample(trained, n, seed=args.seed + 1)[:, : real_he.shape[1]]
+                sample_seconds = time.perf_counter() - t0
+                distance = feature_distance(real_he, candidates, seed=0)
+                distance["real_nhe_vs_real_he"] = class_distance
+                verdict = realism_verdict(distance)
+                memo = memorization_audit(candidates, real_he, rois.groups[he], settings.audit_percentile,
+                                          settings.audit_max_shift, include_flips=settings.hflip)["summary"]
+                row = {"center": center, "approach": approach, "step": step, "train_seconds": timing["train"],
+                       "sample_seconds": sample_seconds, "mmd2": verdict["mmd2_synthetic"],
+                       "threshold": verdict["mmd2_threshold"], "passed": verdict["passed"],
+                       "precision": distance["precision"], "recall": distance["recall"],
+                       "nn_distance_ratio": memo["nn_distance_ratio"], "audit_accepted": memo["accepted"],
+                       "candidates": memo["synthetic"]}
+                rows.append(row)
+                log(f"{center} {approach} step {step}: {timing['train']:.0f} s, MMD^2 {row['mmd2']:.3f} "
+                    f"(gate {row['threshold']:.3f}: {'pass' if row['passed'] else 'fail'}), precision "
+                    f"{row['precision']:.2f} recall {row['recall']:.2f}, NN ratio {row['nn_distance_ratio']:.2f}")
+                timing["last"] = time.perf_counter()
+
+            train_generator(inputs, settings, seed=args.seed, checkpoints=score)
+    record = {"data": str(args.data), "profile": args.profile, "seed": args.seed, "threads": args.threads,
+              "synthesis": base.as_dict(), "rows": rows, "seconds": time.time() - started}
+    tmp = out / ".synth_curve.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "synth_curve.json")
+    lines = [f"Learning curves on {args.data} (seed {args.seed}, {args.threads} thread(s)): MMD^2 to the site's real "
+             "HE ROIs vs its realism gate, 3-NN precision / recall, memorization NN distance ratio", "",
+             "| centre | approach | steps | train s | MMD^2 | gate | precision | recall | NN ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['center']} | {r['approach']} | {r['step']} | {r['train_seconds']:.0f} | {r['mmd2']:.3f} | "
+                     f"{r['threshold']:.3f} {'pass' if r['passed'] else 'fail'} | {r['precision']:.2f} | "
+                     f"{r['recall']:.2f} | {r['nn_distance_ratio']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    tmp = out / ".synth_curve.md.tmp"
+    tmp.write_text(table, encoding="utf-8")
+    os.replace(tmp, out / "synth_curve.md")
     print(table)
     return 0
 

@@ -209,14 +209,20 @@ def synthesize(message: Message, context: Context) -> Message:
         return reply(message, RecordDict({"metrics": MetricRecord({"num-kept": 0, "num-needed": 0,
                                                                    "skipped-he-cases": n_he})}))
     audit = run_synth(site.data_path.parent, site.data_path.name, site.work_dir, profile=site.settings.profile,
-                      seed=site.round_seed("synth", 0), ratio=site.settings.synthesis, log=lambda _text: None)
+                      seed=site.round_seed("synth", 0), ratio=site.settings.synthesis, log=lambda _text: None,
+                      cache_dir=site.cache_dir)
     memo = audit["memorization"]
     metrics = {"num-kept": int(memo["kept"]), "num-needed": int(memo["needed"]), "num-candidates": int(memo["synthetic"]),
-               "num-accepted": int(memo["accepted"]), "audit-threshold": float(memo["threshold"])}
+               "num-accepted": int(memo["accepted"]), "audit-threshold": float(memo["threshold"]),
+               "generator-cached": int(bool((audit.get("training") or {}).get("cached")))}
     realism = audit.get("realism")
-    if realism is not None:  # set-level distances only (two numbers), never an image
+    if realism is not None:  # set-level numbers only, never an image
+        distance = audit["feature_distance"]
         metrics.update({"realism-mmd2": realism["mmd2_synthetic"], "realism-threshold": realism["mmd2_threshold"],
-                        "realism-passed": -1 if realism["passed"] is None else int(realism["passed"])})
+                        "realism-passed": -1 if realism["passed"] is None else int(realism["passed"]),
+                        "realism-precision": distance["precision"], "realism-recall": distance["recall"]})
+    if memo.get("nn_distance_ratio") is not None:
+        metrics["nn-distance-ratio"] = float(memo["nn_distance_ratio"])
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 
 

@@ -26,12 +26,15 @@ from common.training.settings import SegmentationSettings
 
 class Site:
     def __init__(self, center: str, data_path: Path, settings: FederationSettings, work_dir: Path | None = None,
-                 pooled_paths: tuple[Path, ...] = ()):
+                 pooled_paths: tuple[Path, ...] = (), cache_dir: Path | None = None):
         self.center = center
         self.data_path = Path(data_path)
         self.settings = settings
         # Site-private outputs (synthetic ROIs): never sent anywhere.
         self.work_dir = Path(work_dir) if work_dir else Path(settings.out_dir) / "sites" / center
+        # Site-private reusable work (trained generators, keyed by their inputs), kept across runs.
+        self.cache_dir = Path(cache_dir) if cache_dir else (
+            Path(settings.cache_dir or Path(settings.out_dir) / "site-cache") / center)
         self.cls = ClassifierSettings.from_profile(load_profile(settings.profile))
         self._rois = {}  # mask source -> (dataset, fit, val)
         self.profile = load_profile(settings.profile)
@@ -140,11 +143,12 @@ def privacy_limits(node_config: dict, settings: FederationSettings) -> tuple[int
 
 def site_from_context(node_config: dict, run_config: dict) -> Site:
     settings = FederationSettings.from_run_config(run_config)
-    work_dir = ""
+    work_dir = cache_dir = ""
     if "center" in node_config:  # deployment: the site names itself
         center = str(node_config["center"])
         data_path = Path(str(node_config.get("data-path", "")))
         work_dir = str(node_config.get("work-dir", data_path.parent / f".hemex-{center}"))
+        cache_dir = str(node_config.get("cache-dir", Path(work_dir) / "cache"))
         if not data_path.is_dir():
             raise ConfigError(f"node-config data-path {str(data_path)!r} of centre {center} is not a folder")
     else:  # simulation: partition-id indexes the run config's centre list
@@ -154,10 +158,12 @@ def site_from_context(node_config: dict, run_config: dict) -> Site:
         center = settings.node_centers[partition]
         data_path = Path(settings.data_root) / center
     pooled = tuple(str(Path(settings.data_root) / c) for c in settings.train_centers) if center == POOLED else ()
-    return cached_site(center, str(data_path), work_dir, tuple(sorted(settings.to_run_config().items())), pooled)
+    return cached_site(center, str(data_path), work_dir, tuple(sorted(settings.to_run_config().items())), pooled,
+                       cache_dir)
 
 
 @lru_cache(maxsize=8)
-def cached_site(center: str, data_path: str, work_dir: str, run_config_items: tuple, pooled: tuple = ()) -> Site:
+def cached_site(center: str, data_path: str, work_dir: str, run_config_items: tuple, pooled: tuple = (),
+                cache_dir: str = "") -> Site:
     return Site(center, Path(data_path), FederationSettings.from_run_config(dict(run_config_items)), work_dir or None,
-                pooled_paths=tuple(Path(p) for p in pooled))
+                pooled_paths=tuple(Path(p) for p in pooled), cache_dir=cache_dir or None)

@@ -111,7 +111,8 @@ def cmd_synth(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     audit = run_synth(Path(args.data), args.center, Path(args.out), profile=args.profile, seed=args.seed,
-                      ratio=args.ratio, generator=args.generator, train_steps=args.steps)
+                      ratio=args.ratio, generator=args.generator, train_steps=args.steps,
+                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     memo = audit["memorization"]
     print(f"{args.center}: kept {memo['kept']} synthetic HE ROIs of {memo['needed']} needed "
           f"({memo['accepted']}/{memo['synthetic']} candidates passed the memorization audit, "
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", choices=["ukan", "unet"], default=None,
                    help="ukan (Diffusion-UKAN) or unet (MONAI DiffusionModelUNet baseline); default from the profile")
     p.add_argument("--steps", type=int, default=None, help="override the profile's training steps")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep the trained generator here and reuse it when data, settings and seed are unchanged")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("certs", help="create a development CA, the SuperLink's TLS certificate and SuperNode "

@@ -231,19 +231,26 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
         lines += ["## On-site synthesis", "",
                   "Realism gate: " + REALISM_RULE + " (random-conv-net features; a failing site trains on its real "
                   "ROIs only, so the federated arm then matches the no-synthesis ablation there).", "",
-                  "| site | synthetic ROIs kept / needed | MMD^2 synthetic vs real HE | gate threshold | realism |",
-                  "|---|---|---|---|---|"]
+                  "Precision and recall: the fraction of synthetic ROIs inside the real HE ROIs' 3-NN manifold "
+                  "(fidelity) and of real HE ROIs inside the synthetic one (diversity), same features. NN ratio: "
+                  "median distance of a synthetic ROI to its nearest training ROI over that of a real patient to "
+                  "the nearest other patient (about 1: new patients; near 0: copies).", "",
+                  "| site | synthetic ROIs kept / needed | MMD^2 synthetic vs real HE | gate threshold | realism | "
+                  "precision / recall | NN ratio | generator |",
+                  "|---|---|---|---|---|---|---|---|"]
         verdict = {1: "passed", 0: "**failed: none used**", -1: "not measurable"}
         for center, m in synth:
             if "error" in m:
-                lines.append(f"| {center} | failed: {m['error'][:80]} | | | |")
+                lines.append(f"| {center} | failed: {m['error'][:80]} | | | | | | |")
                 continue
             if "skipped-he-cases" in m:
                 lines.append(f"| {center} | skipped: {int(m['skipped-he-cases'])} HE case(s) with a mask "
-                             "(a generator needs 2) | | | |")
+                             "(a generator needs 2) | | | | | | |")
                 continue
             lines.append(f"| {center} | {m.get('num-kept', 0)} / {m.get('num-needed', 0)} | {_f(m.get('realism-mmd2'))} | "
-                         f"{_f(m.get('realism-threshold'))} | {verdict.get(m.get('realism-passed'), '–')} |")
+                         f"{_f(m.get('realism-threshold'))} | {verdict.get(m.get('realism-passed'), '–')} | "
+                         f"{_f(m.get('realism-precision'))} / {_f(m.get('realism-recall'))} | "
+                         f"{_f(m.get('nn-distance-ratio'))} | {'cached' if m.get('generator-cached') else 'trained'} |")
         if any(report.get("stages", {}).get("cls-no-synthesis", {}).get("reused") for report in folds):
             lines.append("No site kept synthetic ROIs, so the no-synthesis arm is the federated arm itself "
                          "(same rounds, seeds and ROIs; not retrained).")

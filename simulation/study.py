@@ -44,7 +44,8 @@ def run_study(settings: FederationSettings, out: Path, *, leave_one_out: bool = 
     console = console or Console()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = replace(settings, arms=ARMS, out_dir=str(out / "federation"))
+    settings = replace(settings, arms=ARMS, out_dir=str(out / "federation"),
+                       cache_dir=settings.cache_dir or str(out / "site-cache"))  # shared by every fold
     started = time.time()
     reports = []
     runs = folds_of(settings, leave_one_out)

@@ -13,7 +13,7 @@ from common.errors import ConfigError
 from common.networks.ukan_diffusion import UKANDenoiser
 from common.synthesis.audit import (feature_distance, intensity_stats, memorization_audit, realism_verdict,
                                     save_sample_grid)
-from common.synthesis.diffusion import MonaiUNetDenoiser, ddpm_scheduler, sample, train_generator
+from common.synthesis.diffusion import MonaiUNetDenoiser, noise_scheduler, sample, train_generator
 from common.synthesis.ratio import parse_ratio, synthetic_needed
 from common.synthesis.settings import SynthesisSettings, synthesis_settings
 
@@ -27,7 +27,7 @@ def one_thread():
 
 
 TINY = dict(pixels=16, base_channels=8, channel_mult=(1, 2, 2), kan_levels=1, unet_channels=(8, 16, 16),
-            batch_size=4, train_steps=3, ddim_steps=5, sample_batch=4, warmup_steps=1)
+            batch_size=4, train_steps=3, sample_steps=5, sample_batch=4, warmup_steps=1)
 
 
 # ---------------------------------------------------------------------------------------------- denoisers
@@ -95,10 +95,10 @@ def test_ddim_sampling_shape_range_and_determinism():
 
 def test_ddim_loop_recovers_the_image_with_an_oracle_denoiser():
     """With the exact noise predictor of a single image, DDIM (eta = 0) must land on that image:
-    checks the timestep spacing against MONAI's DDIMScheduler.step."""
-    settings = SynthesisSettings(**TINY)
+    checks the timestep spacing and the update of our DDIM loop."""
+    settings = SynthesisSettings(**TINY, objective="epsilon")
     x0 = torch.rand(1, 3, 16, 16) * 2 - 1
-    alphas = ddpm_scheduler(settings).alphas_cumprod
+    alphas = noise_scheduler(settings).alphas_cumprod
 
     class Oracle(torch.nn.Module):
         def forward(self, x, t, labels=None):
@@ -107,6 +107,24 @@ def test_ddim_loop_recovers_the_image_with_an_oracle_denoiser():
 
     out = sample(Oracle(), 3, seed=0, settings=settings, image_shape=(3, 16, 16))
     np.testing.assert_allclose(out, np.broadcast_to((x0.numpy() + 1) / 2, out.shape), atol=1e-4)
+
+
+def test_flow_sampling_with_the_exact_velocity_lands_on_the_data_point():
+    """For one data point the rectified-flow path is straight, so Euler integration of the exact
+    velocity x0 - eps (eps recovered from x_t) reaches x0 from any noise in any number of steps."""
+    settings = SynthesisSettings(**TINY, objective="flow")
+    x0 = torch.rand(1, 3, 16, 16) * 2 - 1
+    T = settings.num_train_timesteps
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            s = (t.float() / T).reshape(-1, 1, 1, 1)
+            eps = (x - (1 - s) * x0) / s
+            return x0 - eps
+
+    for steps in (1, 4):
+        out = sample(Oracle(), 3, seed=0, settings=settings, image_shape=(3, 16, 16), steps=steps)
+        np.testing.assert_allclose(out, np.broadcast_to((x0.numpy() + 1) / 2, out.shape), atol=1e-4)
 
 
 def test_class_conditional_training_and_sampling():
@@ -259,7 +277,7 @@ def test_hemex_synth_end_to_end(tmp_path):
     profile = tmp_path / "p.toml"
     profile.write_text('name = "t"\n[preprocess]\nspacing = [2.0, 2.0, 5.0]\n'
                        '[synthesis]\npixels = 16\nbase_channels = 8\nchannel_mult = [1, 2, 2]\ntrain_steps = 3\n'
-                       'batch_size = 4\nddim_steps = 4\nratio = "1:1"\n', encoding="utf-8")
+                       'batch_size = 4\nsample_steps = 4\nratio = "1:1"\n', encoding="utf-8")
     centre = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
     out = tmp_path / "out"
     assert main(["synth", "--data", str(data), "--center", centre, "--out", str(out), "--profile", str(profile),
@@ -288,3 +306,49 @@ def test_hemex_synth_end_to_end(tmp_path):
     audit = json.loads((none / "audit.json").read_text(encoding="utf-8"))
     assert audit["memorization"]["needed"] == 0 and audit["training"] is None
     assert load_synthetic(none / "synthetic_he.npz")[0].shape == (0, 3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+def test_generator_cache_reuses_same_inputs_and_retrains_changed_ones(tmp_path):
+    from common.synthesis.run import CenterROIs, synthesize
+
+    def rois(seed):
+        images = smooth_images(12, seed=seed, size=16)
+        masks = (images[:, 1] > 0.5).astype(np.uint8)
+        labels = np.array([1] * 6 + [0] * 6)
+        groups = np.array([f"c{i // 2}" for i in range(12)])  # 2 ROIs per case
+        return CenterROIs(images, masks, labels, groups, n_he_cases=3, n_nhe_cases=3, skipped=[])
+
+    settings = SynthesisSettings(**TINY, ratio="1:1", realism_gate=False)
+    cache = tmp_path / "cache"
+    first, _ = synthesize(rois(1), settings, seed=0, n_needed=4, log=lambda _m: None, cache_dir=cache)
+    assert first.audit["training"]["cached"] is False and first.audit["training"]["steps"] == 3
+    assert len(list(cache.glob("generator-*.safetensors"))) == 1
+    logs = []
+    again, extra = synthesize(rois(1), settings.with_overrides(sample_steps=2, oversample=2.0), seed=0, n_needed=4,
+                              log=logs.append, cache_dir=cache)
+    # Same ROIs, training settings and seed: nothing trains, only sampling settings changed.
+    assert again.audit["training"]["cached"] is True and again.audit["timing"]["train_seconds"] == 0.0
+    assert not any("training" in m for m in logs) and any("reusing" in m for m in logs)
+    assert again.audit["training"]["final_loss"] == first.audit["training"]["final_loss"]
+    for changed in (dict(data=rois(2), settings=settings, seed=0), dict(data=rois(1), settings=settings, seed=1),
+                    dict(data=rois(1), settings=settings.with_overrides(learning_rate=1e-3), seed=0)):
+        result, _ = synthesize(changed["data"], changed["settings"], seed=changed["seed"], n_needed=4,
+                               log=lambda _m: None, cache_dir=cache)
+        assert result.audit["training"]["cached"] is False
+    assert len(list(cache.glob("generator-*.safetensors"))) == 4
+
+
+def test_precision_recall_separate_fidelity_from_diversity():
+    from common.synthesis.audit import precision_recall
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 4))
+    assert min(precision_recall(real, rng.normal(size=(200, 4)))) > 0.8  # same distribution
+    collapsed = rng.normal(scale=0.05, size=(200, 4))  # all near the centre: faithful, not diverse
+    precision, recall = precision_recall(real, collapsed)
+    assert precision > 0.95 and recall < 0.2
+    far = rng.normal(loc=10.0, size=(200, 4))  # nowhere near the real data
+    assert precision_recall(real, far) == (0.0, 0.0)
+    assert np.isnan(precision_recall(real[:3], far)[0])

@@ -73,6 +73,10 @@ class FederationSettings:
     bundle_key: str = ""  # the coordinator's Ed25519 key (hemex certs: bundle.key) signing the model bundle
     node_wait_s: float = 120.0
     out_dir: str = "runs/federation"
+    # Simulation: each virtual site keeps reusable work (trained generators) in <cache-dir>/<centre>;
+    # empty: <out-dir>/site-cache. A study shares one across its folds. Deployed sites choose their
+    # own (node-config cache-dir, default <work-dir>/cache); the coordinator never names site paths.
+    cache_dir: str = ""
     resume: bool = True
 
     def __post_init__(self):

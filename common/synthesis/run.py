@@ -202,14 +202,17 @@ class SynthesisResult:
 
 
 def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_needed: int | None = None,
-               log: Callable[[str], None] = print, holdout: np.ndarray | None = None) -> tuple[SynthesisResult, dict]:
+               log: Callable[[str], None] = print, holdout: np.ndarray | None = None,
+               cache_dir: Path | None = None) -> tuple[SynthesisResult, dict]:
     """Train a generator on the HE ROIs (all ROIs, class-conditional, when settings.conditional),
-    generate candidates, audit them, and keep up to `n_needed` accepted samples.
+    generate candidates, audit them, and keep up to `n_needed` accepted samples. With `cache_dir`,
+    a generator trained before on the same inputs and settings is reused (common/synthesis/cache.py).
 
     Returns the result and the intermediate arrays (for the quality figure): candidates,
     accepted mask, nearest indices.
     """
     from common.synthesis.audit import feature_distance, intensity_stats, memorization_audit, realism_verdict
+    from common.synthesis.cache import generator_key, load_generator, save_generator
     from common.synthesis.diffusion import count_parameters, sample, train_generator
     from common.synthesis.ratio import synthetic_needed
 
@@ -226,8 +229,14 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
         train_x, train_y = inputs[he], None
     timings = {}
     trained = None
+    key = generator_key(train_x, train_y, settings, seed)
     if n_needed > 0:
-        log(f"training {settings.generator} generator on {len(train_x)} ROIs "
+        trained = load_generator(cache_dir, key, settings)
+        if trained is not None:
+            log(f"reusing the cached {settings.generator} generator {key[:12]} (same ROIs, settings and seed)")
+            timings["train_seconds"] = 0.0
+    if n_needed > 0 and trained is None:
+        log(f"training {settings.generator} generator ({settings.objective}) on {len(train_x)} ROIs "
             f"({int(he.sum())} HE from {len(np.unique(rois.groups[he]))} cases), {settings.train_steps} steps")
         last = [time.perf_counter()]
 
@@ -239,7 +248,8 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
         t0 = time.perf_counter()
         trained = train_generator(train_x, settings, seed=seed, labels=train_y, progress=progress)
         timings["train_seconds"] = time.perf_counter() - t0
-    else:
+        save_generator(cache_dir, key, trained)
+    elif n_needed <= 0:
         log(f"no synthetic samples needed at ratio {settings.ratio} "
             f"({rois.n_he_cases} HE / {rois.n_nhe_cases} NHE cases): no generator trained")
     n_candidates = int(np.ceil(n_needed * settings.oversample)) if n_needed else 0
@@ -296,8 +306,10 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
 
 
 def run_synth(data_root: Path, center: str, out: Path, profile: str = "cpu", seed: int = 0, ratio: str | None = None,
-              generator: str | None = None, train_steps: int | None = None, log: Callable[[str], None] = print) -> dict:
-    """The `hemex synth` run: train, generate, audit, write the four outputs. Returns audit.json's content."""
+              generator: str | None = None, train_steps: int | None = None, log: Callable[[str], None] = print,
+              cache_dir: Path | None = None) -> dict:
+    """The `hemex synth` run: train (or reuse from `cache_dir`), generate, audit, write the four
+    outputs. Returns audit.json's content."""
     import torch
 
     from common.config import load_profile
@@ -319,7 +331,7 @@ def run_synth(data_root: Path, center: str, out: Path, profile: str = "cpu", see
     log(f"loading ROIs of {center} from {data_root}")
     rois = load_center_rois(Path(data_root), center, settings, windows, include_nhe=True)
     log(f"{center}: {rois.n_he_cases} HE / {rois.n_nhe_cases} NHE cases; ratio {settings.ratio}")
-    result, extra = synthesize(rois, settings, seed=seed, log=log)
+    result, extra = synthesize(rois, settings, seed=seed, log=log, cache_dir=cache_dir)
     audit = result.audit
     audit["center"] = center
     audit["data_root"] = str(data_root)

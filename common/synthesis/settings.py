@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from common.errors import ConfigError
 
 GENERATORS = ("ukan", "unet")
+OBJECTIVES = ("flow", "epsilon", "v")  # see common/synthesis/diffusion.py
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class SynthesisSettings:
     spline_order: int = 3
     unet_channels: tuple[int, ...] = (16, 32, 64)  # chosen so both generators have ~0.6 M parameters
     conditional: bool = False  # False: train on HE ROIs only; True: class-conditional on HE and NHE ROIs
-    # DDPM training (epsilon prediction, MONAI DDPMScheduler, linear betas).
+    # Training objective: "flow" (rectified flow), "epsilon" or "v" (DDPM, linear betas).
+    objective: str = "flow"
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -42,8 +44,8 @@ class SynthesisSettings:
     warmup_steps: int = 20
     ema_decay: float = 0.995
     hflip: bool = True  # left-right mirror augmentation (a hematoma in either hemisphere)
-    # Sampling (MONAI DDIMScheduler).
-    ddim_steps: int = 25
+    # Sampling: Euler steps (flow) or DDIM steps (epsilon, v); eta > 0 adds DDIM's noise.
+    sample_steps: int = 25
     ddim_eta: float = 0.0
     sample_batch: int = 32
     # Class balance and audit.
@@ -99,6 +101,8 @@ def _validated(settings: SynthesisSettings, source: str) -> SynthesisSettings:
 
     if settings.generator not in GENERATORS:
         bad("generator", f"choose one of {', '.join(GENERATORS)}")
+    if settings.objective not in OBJECTIVES:
+        bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
     multiple = 2 ** (len(settings.channel_mult) - 1)
     if settings.pixels < 8 or settings.pixels % multiple:
         bad("pixels", f"must be >= 8 and divisible by {multiple} (2 ** (levels - 1) of channel_mult)")
@@ -112,13 +116,13 @@ def _validated(settings: SynthesisSettings, source: str) -> SynthesisSettings:
         if getattr(settings, key) <= 0:
             bad(key, "must be > 0")
     for key in ("slices_per_case", "base_channels", "grid_size", "kan_layers", "train_steps", "batch_size",
-                "num_train_timesteps", "ddim_steps", "sample_batch"):
+                "num_train_timesteps", "sample_steps", "sample_batch"):
         if getattr(settings, key) < 1:
             bad(key, "must be >= 1")
     if settings.beta_end <= settings.beta_start or settings.beta_end >= 1:
         bad("beta_end", "must lie in (beta_start, 1)")
-    if settings.ddim_steps > settings.num_train_timesteps:
-        bad("ddim_steps", "cannot exceed num_train_timesteps")
+    if settings.sample_steps > settings.num_train_timesteps:
+        bad("sample_steps", "cannot exceed num_train_timesteps")
     if not 0 <= settings.ema_decay < 1:
         bad("ema_decay", "must be in [0, 1)")
     if not 0 <= settings.audit_percentile < 50:
