@@ -377,9 +377,12 @@ def test_a_folder_whose_every_file_is_broken_names_them(tmp_path, dicom_series, 
         assert str(err.value) == f"{tmp_path / 'case'}: {reason}"
 
 
+LACKS = "DICOM file lacks ImagePositionPatient, PixelData (truncated, or not a CT image)"
+
+
 @pytest.mark.parametrize("content, reason", [
-    (lambda: np.random.default_rng(0).bytes(3000), "DICOM file lacks ImagePositionPatient, PixelData (truncated, or not a CT image)"),
-    (lambda: b"", "DICOM file lacks ImagePositionPatient, PixelData (truncated, or not a CT image)"),
+    (lambda: np.random.default_rng(0).bytes(3000), LACKS),
+    (lambda: b"", LACKS),
     (lambda: deflated_garbage(), "cannot read DICOM file: Error -3 while decompressing data: invalid block type"),
 ])
 def test_read_dicom_dataset_turns_every_parse_failure_into_a_data_error(tmp_path, content, reason):
@@ -414,3 +417,37 @@ def test_check_reports_a_broken_dicom_case_and_goes_on(cohort):
     problems = problems_of(cohort)
     assert len(problems) == 1 and problems[0].startswith(
         "B/images/b2: no DICOM series found in folder; 6 file(s) look like DICOM but hold no readable image")
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_slice_position_far_away_cannot_blow_up_the_rebuilt_grid(tmp_path, dicom_series, enhanced_copy, enhanced):
+    # Rebuilt on a regular grid at the median 5 mm step, slices 6 and 1e8 mm apart would need
+    # 2e7 slices (46 GiB): refused from the positions, before anything is allocated.
+    import pydicom
+
+    files = copy_series(dicom_series, tmp_path / "case")
+    last = pydicom.dcmread(files[-1])
+    last.ImagePositionPatient = [*last.ImagePositionPatient[:2], 1e8]
+    last.save_as(files[-1])
+    folder = enhanced_copy(tmp_path / "case", tmp_path / "enhanced") if enhanced else tmp_path / "case"
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        io.read_ct(folder)
+    assert time.perf_counter() - start < 2.0
+    assert str(err.value) == (f"{folder}: DICOM series rebuilt where its slices lie: size 24 x 24 x 20000001 "
+                              "(11,520,000,576 voxels) is over hemex's limit of 1,073,741,824 voxels "
+                              "(HEMEX_MAX_VOXELS sets it); not read (slice positions far apart: a stray or "
+                              "corrupt position?)")
+
+
+def test_a_corrupt_voxel_spacing_cannot_blow_up_the_working_grid(tmp_path, head_ct):
+    # 24 x 24 x 6 voxels claiming 5 m each: 120 x 120 x 30 m, 2e13 voxels on a 2 x 2 x 5 mm grid.
+    image, _ = head_ct(spacing=(5000.0, 5000.0, 5000.0))
+    io.write_image(image, tmp_path / "ct.nii.gz")
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_case(Case("A", "x", None, tmp_path / "ct.nii.gz", None), spacing=(2.0, 2.0, 5.0))
+    assert time.perf_counter() - start < 2.0
+    assert str(err.value) == (f"{tmp_path / 'ct.nii.gz'}: resampled to 2 x 2 x 5 mm over its physical extent "
+                              "(120000 x 120000 x 30000 mm): size 60000 x 60000 x 6000 (21,600,000,000,000 voxels) "
+                              "is over hemex's limit of 1,073,741,824 voxels (HEMEX_MAX_VOXELS sets it); not read")

@@ -140,15 +140,8 @@ def regularize(volume: np.ndarray, stack: SliceStack) -> sitk.Image:
     """The stack's voxels (n, rows, columns, in file order) on a regular grid: direction
     (row, col, normal), in-plane spacing kept, slice step = the median step, in-plane extent
     grown to hold every shifted slice; linear interpolation along the normal."""
-    order = np.argsort(stack.along_normal())
-    distance = stack.along_normal()[order]
-    offsets = (stack.in_plane_offsets()[order] / np.asarray(stack.pixel_spacing))  # pixels (x, y)
-    low = offsets.min(axis=0)
-    shifts = offsets - low
+    order, distance, low, shifts, plane, step, n_out = _regular_grid(stack)
     rows, cols = stack.shape
-    plane = (rows + int(np.ceil(shifts[:, 1].max())), cols + int(np.ceil(shifts[:, 0].max())))
-    step = float(np.median(np.diff(distance)))
-    n_out = int(round((distance[-1] - distance[0]) / step)) + 1
 
     def placed(k: int) -> np.ndarray:  # slice k on the output plane at its true in-plane position
         canvas = np.full(plane, AIR_HU, dtype=np.float32)
@@ -172,6 +165,26 @@ def regularize(volume: np.ndarray, stack: SliceStack) -> sitk.Image:
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetDirection(tuple(float(v) for v in np.column_stack([stack.row, stack.col, stack.normal]).ravel()))
     return image
+
+
+def regular_size(stack: SliceStack) -> tuple[int, int, int]:
+    """(columns, rows, slices) of the grid `regularize` builds, known before it allocates: slice
+    positions far apart (a stray or corrupt position) can make it far larger than the series."""
+    *_, plane, _, n_out = _regular_grid(stack)
+    return plane[1], plane[0], n_out
+
+
+def _regular_grid(stack: SliceStack):
+    order = np.argsort(stack.along_normal())
+    distance = stack.along_normal()[order]
+    offsets = (stack.in_plane_offsets()[order] / np.asarray(stack.pixel_spacing))  # pixels (x, y)
+    low = offsets.min(axis=0)
+    shifts = offsets - low
+    rows, cols = stack.shape
+    plane = (rows + int(np.ceil(shifts[:, 1].max())), cols + int(np.ceil(shifts[:, 0].max())))
+    step = float(np.median(np.diff(distance)))
+    n_out = int(round((distance[-1] - distance[0]) / step)) + 1
+    return order, distance, low, shifts, plane, step, n_out
 
 
 def sample_on_slices(mask: sitk.Image, stack: SliceStack) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from common.data.dicom_geometry import SliceStack, irregularity, regularize
+from common.data.dicom_geometry import SliceStack, irregularity, regular_size, regularize
 from common.data.dicom_study import MAX_DEPTH, choose_series, find_series, header, tag
 from common.errors import ConfigError, DataError
 
@@ -115,6 +115,7 @@ def read_dicom_series(folder: Path, notes: list[str] | None = None) -> sitk.Imag
     except ValueError as err:
         raise DataError(folder, f"DICOM slice geometry: {err}") from err
     if problem:
+        _check_regular_size(stack, folder)
         image = regularize(sitk.GetArrayFromImage(image), stack)
         _note(notes, f"DICOM series resampled to a regular {image.GetSpacing()[2]:.2f} mm grid: {problem}")
     return image
@@ -214,6 +215,7 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
     if len(stack.positions) != image.GetDepth():
         raise DataError(folder, f"enhanced DICOM image has {image.GetDepth()} frames of pixels but "
                                 f"{len(stack.positions)} frame positions")
+    _check_regular_size(stack, folder)
     frames = sitk.GetArrayFromImage(image)
     if rescales is not None and len(set(rescales)) > 1:
         # GDCM rescales every frame with the first frame's slope and intercept (SimpleITK 2.5,
@@ -225,6 +227,14 @@ def _read_multiframe(file: str, folder: Path, notes: list[str] | None) -> sitk.I
     if problem:
         _note(notes, f"enhanced DICOM frames resampled to a regular {volume.GetSpacing()[2]:.2f} mm grid: {problem}")
     return volume
+
+
+def _check_regular_size(stack: SliceStack, folder: Path) -> None:
+    """The voxel limit, for the regular grid a series is rebuilt on (before it is allocated)."""
+    problem = size_problem(regular_size(stack))
+    if problem:
+        raise DataError(folder, f"DICOM series rebuilt where its slices lie: {problem} "
+                                "(slice positions far apart: a stray or corrupt position?)")
 
 
 def _frame_rescales(header) -> list[tuple[float, float]] | None:

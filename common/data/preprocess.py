@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from monai.transforms import ScaleIntensityRange
 
 from common.data.contract import Case
-from common.data.io import read_ct, read_mask, same_grid
+from common.data.io import read_ct, read_mask, same_grid, size_problem
 from common.errors import ConfigError, DataError
 
 CANONICAL = "LPS"
@@ -97,6 +97,12 @@ def axis_aligned_grid(image: sitk.Image, spacing) -> sitk.Image:
     points = np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c]) for c in corners])
     low, high = points.min(axis=0), points.max(axis=0)
     new_size = np.maximum(np.round((high - low) / spacing).astype(int), 1)
+    # The grid follows the header's physical extent: a corrupt voxel spacing (metres, not mm) would
+    # ask for billions of voxels, so the reading limit applies before anything is allocated.
+    problem = size_problem(new_size)
+    if problem:
+        raise ValueError(f"resampled to {' x '.join(f'{v:g}' for v in spacing)} mm over its physical extent "
+                         f"({' x '.join(f'{v:.0f}' for v in high - low)} mm): {problem}")
     ref = sitk.Image([int(v) for v in new_size], sitk.sitkUInt8)
     ref.SetSpacing(spacing.tolist())
     ref.SetOrigin((low + spacing / 2).tolist())
@@ -126,9 +132,12 @@ def load_case(case: Case, spacing=None, windows=DEFAULT_WINDOWS, with_mask: bool
         problem = same_grid(image, mask_image)
         if problem:
             raise DataError(case.mask_path, f"mask not on the image grid: {problem}")
-    image = to_canonical(image)
-    if spacing is not None and not np.allclose(image.GetSpacing(), spacing, rtol=1e-3):
-        image = resample(image, spacing)
+    try:
+        image = to_canonical(image)
+        if spacing is not None and not np.allclose(image.GetSpacing(), spacing, rtol=1e-3):
+            image = resample(image, spacing)
+    except ValueError as err:  # the grid's size limit (axis_aligned_grid)
+        raise DataError(case.image_path, str(err)) from err
     if mask_image is not None:
         mask_image = resample(mask_image, None, is_mask=True, reference=image)
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
