@@ -480,7 +480,11 @@ def test_simulate_writes_schema_valid_metrics_and_a_report(study, tiny):
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     validate(metrics)
     assert set(metrics["arms"]) == {"federated", "no-synthesis", "local-center1", "local-center2", "local-center3",
-                                    "centralized"}
+                                    "centralized", "volume-only", "markers-only"}
+    # The baseline arms were fitted through the real federation, at the training sites only.
+    baselines = report["stages"]["baselines"]
+    assert baselines["sites"] == ["center1", "center2", "center3"] and not baselines["rejected"]
+    assert all(fit["converged"] for fit in baselines["arms"].values())
     truth = {}
     for line in (tiny / "truth.csv").read_text(encoding="utf-8").splitlines()[1:]:
         center = line.split(",")[0]
@@ -507,8 +511,9 @@ def test_simulate_writes_schema_valid_metrics_and_a_report(study, tiny):
         assert (out / name).stat().st_size > 0, name
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "## Pooled external result" in markdown and "local-center2" in markdown and "quality.png" in markdown
+    assert "| markers-only |" in markdown and "| volume-only |" in markdown
     assert "<table>" in (out / "report.html").read_text(encoding="utf-8")
-    assert "external AUC per arm" in stdout  # the terminal summary
+    assert "external AUC per arm" in stdout and "markers-only" in stdout  # the terminal summary
 
 
 def test_pooled_external_auc_is_the_inverse_variance_combination():
@@ -596,7 +601,8 @@ def test_leave_one_out_metrics_and_report_handle_arms_missing_in_a_fold(study, t
     del second["stages"]["cls"]["arms"]["local-center1"]
     metrics = study_metrics([first, second], tiny, 0, "tiny")
     validate(metrics)
-    assert list(metrics["arms"])[:2] == ["federated", "no-synthesis"] and list(metrics["arms"])[-1] == "centralized"
+    assert list(metrics["arms"])[:2] == ["federated", "no-synthesis"]
+    assert list(metrics["arms"])[-3:] == ["centralized", "volume-only", "markers-only"]
     assert set(metrics["arms"]["local-center1"]["centers"]) == {"center4"}
     assert set(metrics["arms"]["federated"]["centers"]) == {"center4", "center5"}
     markdown, _ = write_report(metrics, [first, second], tmp_path, 1.0)
