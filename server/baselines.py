@@ -23,6 +23,7 @@ apply to these sums (see README).
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -66,6 +67,7 @@ def fit_baselines(run, attach: dict) -> dict[str, ArrayRecord]:
     """Fit every baseline arm over the training sites of `run` (a FederatedRun); returns
     {arm: model record} of the arms that converged, and records the fit in the run's report."""
     s = run.settings
+    started = time.time()
     nodes = {c: run.centers[c] for c in s.train_centers}
     stage = run.report["stages"].setdefault("baselines", {"rejected": {}})
 
@@ -75,6 +77,7 @@ def fit_baselines(run, attach: dict) -> dict[str, ArrayRecord]:
 
     def failed(reason: str) -> dict:
         stage["failed"] = reason
+        run.report["timing"]["baselines_seconds"] = time.time() - started
         run.progress(f"baselines: not fitted ({reason[:160]})")
         return {}
 
@@ -83,7 +86,8 @@ def fit_baselines(run, attach: dict) -> dict[str, ArrayRecord]:
     moments, counts = {}, {}
     for center, reply in ask(nodes, {"step": "moments"}, {}).items():
         metrics = None if isinstance(reply, str) else reply.content.metric_records.get("metrics")
-        problem = reply if isinstance(reply, str) else metrics_problem(metrics, expected, run.declared_cases.get(center))
+        problem = reply if isinstance(reply, str) else metrics_problem(metrics, expected,
+                                                                       run.declared_cases.get(center))
         if problem:
             stage["rejected"][center] = problem
             run.log(f"baselines: {center} left out: {problem[:200]}")
@@ -123,6 +127,7 @@ def fit_baselines(run, attach: dict) -> dict[str, ArrayRecord]:
             fits[arm].update(terms[arm])
     stage["arms"] = {arm: fit.describe() for arm, fit in fits.items()}
     done = {arm: model_record(fit.model()) for arm, fit in fits.items() if fit.converged}
+    run.report["timing"]["baselines_seconds"] = time.time() - started  # part of cls_seconds
     run.progress("baselines: " + ", ".join(
         f"{arm} {'fitted' if fit.converged else 'did NOT converge'} in {fit.rounds} Newton round(s)"
         for arm, fit in fits.items()) + f" on {n} fit cases ({n_he} HE) at {len(sites)} site(s)")

@@ -187,6 +187,10 @@ def build_markdown(metrics: dict, folds: list[dict], figures: dict, elapsed_s: f
                   "moments, then Newton steps on summed gradients and Hessians: the pooled fit, no marker leaves a "
                   "site). They show what the images add: a classifier arm below them has learned less than the "
                   "markers alone carry.", ""]
+    for i, report in enumerate(folds):
+        failed = report.get("stages", {}).get("baselines", {}).get("failed")
+        if failed:  # the study went on without them: say why they are missing
+            lines += [f"Fold {i + 1}: the baseline arms were not fitted: {failed}", ""]
     lines += ["## Arms", "", "| arm | what it is |", "|---|---|"]
     lines += [f"| {arm} | {slot['description']} |" for arm, slot in arms.items()]
     lines += ["", "## Pooled external result", "",

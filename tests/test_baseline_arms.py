@@ -210,3 +210,81 @@ def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_dif
     print_study_summary(metrics, console)
     table = console.export_text()
     assert "volume-only" in table and "markers-only" in table
+
+
+class SumSites:
+    """Stand-in training sites answering train.baseline with the real site functions on planted
+    markers; `withhold` sites send counts only, `corrupt` sites a NaN gradient in Newton rounds."""
+
+    def __init__(self, data: dict[str, tuple], withhold=(), corrupt=()):
+        self.data, self.withhold, self.corrupt = data, set(withhold), set(corrupt)
+        self.nodes = {i: c for i, c in enumerate(data, start=1)}
+
+    def reply(self, message):
+        from flwr.app import Message
+
+        from common.federation.records import check_reply
+
+        center = self.nodes[message.metadata.dst_node_id]
+        x, y = self.data[center]
+        if center in self.withhold:
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": len(y), "withheld": 1})}),
+                           reply_to=message)
+        if message.content["config"]["step"] == "moments":
+            content = RecordDict({"metrics": MetricRecord({"num-examples": len(y), "num-he": int(y.sum()),
+                                                           **site_moments(x, MARKER_MODEL_FEATURES)})})
+        else:
+            content = RecordDict()
+            for name, record in message.content.array_records.items():
+                model = {k: v.numpy() for k, v in record.items()}
+                d = len(model["mean"])
+                terms = site_newton_terms(x[:, :d], y, model)
+                if center in self.corrupt:
+                    terms["g-0"] = float("nan")
+                content[name] = MetricRecord({"num-examples": len(y), **terms})
+        return Message(check_reply(content), reply_to=message)
+
+
+def coordinator(sites: SumSites, min_valid: int = 2):
+    """The parts of a FederatedRun that fit_baselines uses, over the stand-in sites."""
+    from types import SimpleNamespace
+
+    lines, steps = [], []
+    run = SimpleNamespace(settings=SimpleNamespace(train_centers=tuple(sites.data), min_valid_replies=min_valid),
+                          centers={c: i for i, c in sites.nodes.items()},
+                          declared_cases={c: len(y) for c, (_, y) in sites.data.items()},
+                          report={"stages": {}, "timing": {}}, log=lines.append, progress=steps.append,
+                          exchange=lambda messages: {k: sites.reply(m) for k, m in messages.items()})
+    return run, lines, steps
+
+
+def test_the_coordinator_fits_from_the_sites_sums_and_drops_the_baselines_on_a_bad_sum(task_identity):
+    from server.baselines import fit_baselines, record_model
+
+    rng = np.random.default_rng(2)
+    data = {"h1": planted_site(30, 0.0, -1.5, rng), "h2": planted_site(24, 0.4, -1.0, rng),
+            "h3": planted_site(20, -0.3, -2.0, rng)}
+    run, _, steps = coordinator(SumSites(data))
+    arms = fit_baselines(run, {})
+    assert set(arms) == {"volume-only", "markers-only"} and len(steps) == 1
+    x = np.vstack([v[0] for v in data.values()])
+    y = np.concatenate([v[1] for v in data.values()])
+    pooled = fit_baseline(x, y, MARKER_MODEL_FEATURES).pipeline.decision_function(x)
+    np.testing.assert_allclose(baseline_logits(record_model(arms["markers-only"]), x), pooled, atol=5e-3)
+    assert run.report["stages"]["baselines"]["cases"] == {"h1": 30, "h2": 24, "h3": 20}
+
+    # A site withholding its sums (too few cases) is left out, named; the others fit.
+    run, lines, _ = coordinator(SumSites(data, withhold={"h2"}))
+    assert set(fit_baselines(run, {})) == {"volume-only", "markers-only"}
+    stage = run.report["stages"]["baselines"]
+    assert stage["sites"] == ["h1", "h3"] and stage["rejected"]["h2"].startswith("withheld: 24 fit case(s)")
+    # ... unless too few sites remain.
+    run, _, steps = coordinator(SumSites(data, withhold={"h2"}), min_valid=3)
+    assert fit_baselines(run, {}) == {} and "min-valid-replies is 3" in run.report["stages"]["baselines"]["failed"]
+    assert len(steps) == 1 and steps[0].startswith("baselines: not fitted")
+    # A malformed Newton sum drops both arms with the reason; the study goes on without them.
+    run, _, steps = coordinator(SumSites(data, corrupt={"h3"}))
+    assert fit_baselines(run, {}) == {}
+    assert run.report["stages"]["baselines"]["failed"] == (
+        "volume-only: Newton round 1: h3: non-finite or non-scalar values")
+    assert len(steps) == 1
