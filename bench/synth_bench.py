@@ -51,17 +51,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def resize(images: np.ndarray, pixels: int, mode: str) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.asarray(images, np.float32))
-    if x.shape[-1] == pixels:
-        return x.numpy()
-    kwargs = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(x, size=(pixels, pixels), mode=mode, **kwargs).numpy()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="runs/paper-seed0", help="cohort DATA_ROOT (default: the make simulate cohort)")
@@ -92,9 +81,8 @@ def main(argv=None) -> int:
     from common.config import load_profile
     from common.data.contract import read_cohort
     from common.metrics.classification import delong_ci, delong_test
-    from common.synthesis.audit import feature_distance, memorization_audit
-    from common.synthesis.diffusion import count_parameters, sample, train_generator
-    from common.synthesis.ratio import synthetic_needed
+    from common.synthesis.ratio import parse_ratio, synthetic_needed
+    from common.synthesis.run import load_center_rois, resize_rois, synthesize
     from common.synthesis.settings import synthesis_settings
     from common.training.classification import (Budget, ClassifierSettings, build_roi_dataset, case_logits,
                                                 create_model, seed_everything, train_classifier)
@@ -131,16 +119,11 @@ def main(argv=None) -> int:
     he_cases = [r for r in train.cases if r.he == 1]
     he_images = np.concatenate([r.images for r in he_cases]).astype(np.float32)
     he_masks = np.concatenate([r.masks for r in he_cases]).astype(np.float32)
-    he_groups = np.concatenate([[f"{r.center}/{r.case_id}"] * len(r.images) for r in he_cases])
-    # The generator works at syn.pixels; the ViT at cls.pixels.
-    gen_images = resize(he_images, syn.pixels, "area")
-    gen_masks = resize(he_masks[:, None], syn.pixels, "area")[:, 0]
-    gen_input = np.concatenate([gen_images, (gen_masks > 0.5).astype(np.float32)[:, None]], axis=1) \
-        if syn.with_mask else gen_images
     n_he_slices = int(y_train.sum()) * k
     n_nhe_slices = int((y_train == 0).sum()) * k
     needed = {ratio: synthetic_needed(n_he_slices, n_nhe_slices, ratio) for _, ratio, _ in arms}
     max_needed = max(needed.values())
+    largest_ratio = max((r for _, r, _ in arms if r != "none"), key=lambda r: np.divide(*parse_ratio(r)), default="1:2")
     log(f"synthetic ROIs needed: {needed} (HE {n_he_slices} / NHE {n_nhe_slices} slices)")
 
     # ---------------------------------------------------------------- generators
@@ -160,33 +143,34 @@ def main(argv=None) -> int:
         noise_masks = (blobs > np.quantile(blobs, 1 - he_masks.mean())).astype(np.float32)
         generators["noise"] = {"record": None, "images": noise.astype(np.float32), "masks": noise_masks}
     for kind in sorted({g for g, _, _ in arms if g not in ("none", "copy", "noise")}):
-        settings = syn.with_overrides(generator=kind)
-        log(f"training {kind}: {settings.train_steps} steps of batch {settings.batch_size} on {len(gen_input)} ROIs")
-        trained = train_generator(gen_input, settings, seed=args.seed)
-        n_candidates = int(math.ceil(max_needed * settings.oversample))
-        t0 = time.time()
-        candidates = sample(trained, n_candidates, seed=args.seed + 1)
-        sample_seconds = time.time() - t0
-        images = candidates[:, : he_images.shape[1]]
-        masks = (candidates[:, -1] > 0.5).astype(np.float32) if settings.with_mask else None
-        audit = memorization_audit(images, gen_images, he_groups, settings.audit_percentile, settings.audit_max_shift,
-                                   include_flips=settings.hflip)
-        keep = np.flatnonzero(audit["accepted"])
-        accepted = images[keep]
-        accepted_masks = masks[keep] if masks is not None else None
-        record = {"parameters": count_parameters(trained.model), **trained.summary(),
-                  "seconds_per_sample": sample_seconds / max(1, n_candidates), "sample_steps": settings.sample_steps,
-                  "audit": audit["summary"]}
-        if len(accepted) >= 2:
-            record["feature_distance"] = feature_distance(gen_images, accepted, seed=0)
-        log(f"{kind}: {record['seconds_per_step']:.3f} s/step, {record['seconds_per_sample']:.3f} s/sample, "
-            f"accepted {len(accepted)}/{n_candidates}")
-        # Up to the classifier's ROI size.
-        up = resize(accepted, cls.pixels, "bilinear").clip(0, 1)
-        up_masks = (resize(accepted_masks[:, None], cls.pixels, "bilinear")[:, 0] > 0.5).astype(np.float32) \
-            if accepted_masks is not None else np.zeros((len(up), cls.pixels, cls.pixels), np.float32)
-        generators[kind] = {"record": record, "images": up, "masks": up_masks}
-        np.savez_compressed(out / f"synthetic_{kind}.npz", images=up, masks=up_masks)
+        # One generator per training centre, as the federation trains them (synthesize(): the
+        # site's HE ROIs, its own need at the largest ratio asked for, the memorization audit and
+        # the realism gate); the smaller ratio takes the first accepted samples of each site's set.
+        settings = syn.with_overrides(generator=kind, ratio=largest_ratio)
+        images, masks, record = [], [], {}
+        for center in train_centers:
+            rois = load_center_rois(Path(args.data), center, settings, windows, include_nhe=True)
+            result, _ = synthesize(rois, settings, seed=args.seed, log=lambda _m: None, cache_dir=out / "cache")
+            up, up_masks = resize_rois(result.images, cls.pixels, result.masks)
+            images.append(up)
+            masks.append(up_masks.astype(np.float32) if up_masks is not None
+                         else np.zeros((len(up), cls.pixels, cls.pixels), np.float32))
+            audit = result.audit
+            record[center] = {"kept": audit["memorization"]["kept"], "needed": audit["memorization"]["needed"],
+                              "realism": audit.get("realism"), "training": audit["training"],
+                              "precision": audit.get("feature_distance", {}).get("precision"),
+                              "recall": audit.get("feature_distance", {}).get("recall"),
+                              "seconds_per_sample": audit["timing"]["seconds_per_sample"]}
+            realism = audit.get("realism") or {}
+            log(f"{kind} at {center}: kept {audit['memorization']['kept']}/{audit['memorization']['needed']}, "
+                f"MMD^2 {realism.get('mmd2_synthetic', float('nan')):.3f} (gate {realism.get('mmd2_threshold', float('nan')):.3f}), "
+                f"{audit['training']['steps']} steps{' (cached)' if audit['training']['cached'] else ''}")
+        # Interleave the sites' sets so that "the first n" takes from every site alike.
+        order = np.argsort(np.concatenate([np.arange(len(x)) / max(1, len(x)) for x in images]), kind="stable")
+        generators[kind] = {"record": record, "images": np.concatenate(images)[order],
+                            "masks": np.concatenate(masks)[order]}
+        np.savez_compressed(out / f"synthetic_{kind}.npz", images=generators[kind]["images"],
+                            masks=generators[kind]["masks"])
 
     # ---------------------------------------------------------------- classifier arms
     real_slices = n_he_slices + n_nhe_slices
@@ -335,14 +319,15 @@ def markdown(record: dict) -> str:
         vs = row.get("vs_none")
         diff = f"{vs['diff']:+.3f} (p={vs['p']:.2f})" if vs else "-"
         lines.append(f"| {row['arm']} | {row['synthetic']} | {a[0]:.3f} [{a[1]:.2f}, {a[2]:.2f}] | {per} | {diff} |")
-    lines += ["", "| generator | parameters | s / training step | steps | s / generated sample | audit accepted | "
-                  "threshold | MMD² real-synthetic (real-real halves) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for kind, g in record["generators"].items():
-        fd = g.get("feature_distance", {})
-        mmd = f"{fd.get('real_vs_synthetic', float('nan')):.3f} ({fd.get('real_vs_real_halves', float('nan')):.3f})"
-        lines.append(f"| {kind} | {g['parameters']:,} | {g['seconds_per_step']:.3f} | {g['steps']} | "
-                     f"{g['seconds_per_sample']:.3f} | {g['audit']['accepted']}/{g['audit']['synthetic']} | "
-                     f"{g['audit']['threshold']:.4f} | {mmd} |")
+    lines += ["", "| generator | site | kept / needed | MMD^2 (gate) | precision / recall | steps | s / step |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, sites in record["generators"].items():
+        for center, g in sites.items():
+            realism, training = g.get("realism") or {}, g.get("training") or {}
+            lines.append(f"| {kind} | {center} | {g['kept']}/{g['needed']} | "
+                         f"{realism.get('mmd2_synthetic', float('nan')):.3f} ({realism.get('mmd2_threshold', float('nan')):.3f}) | "
+                         f"{g.get('precision') or float('nan'):.2f} / {g.get('recall') or float('nan'):.2f} | "
+                         f"{training.get('steps', 0)} | {training.get('seconds_per_step', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
 
 
