@@ -212,13 +212,23 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "abs-vol-err-ml", "vol-mae-ml", "dice-min",
                             "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "vol-mae-native-ml",
                             "vol-median-native-ml", "dice-native-small", "n-small"}
-    synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
+    synth_settings = settings_for(tiny, tmp_path, synthesis="1:1")  # a ratio that needs synthetic ROIs
+    synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, synth_settings)
     synth_metrics = dict(synth.content["metrics"])
+    assert synth_metrics["num-needed"] > 0
     assert synth_metrics["num-kept"] <= synth_metrics["num-needed"]
     assert set(synth.content.keys()) == {"metrics"}  # the synthetic ROIs themselves stay on site
     assert (tmp_path / "sites" / "center1" / "synthetic_he.npz").is_file()
-    assert len(checked) == 4
-    for reply in (info, train, evaluation, synth):
+    assert set(synth_metrics) <= {"num-kept", "num-needed", "num-candidates", "num-accepted", "audit-threshold",
+                                  "generator-cached", "realism-mmd2", "realism-threshold", "realism-passed",
+                                  "realism-precision", "realism-recall", "nn-distance-ratio"}  # set-level numbers
+    # The generator stays in the site's cache (never in a reply), and a second request reuses it.
+    assert synth_metrics["generator-cached"] == 0
+    assert len(list((tmp_path / "site-cache" / "center1").glob("generator-*.safetensors"))) == 1
+    again = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, synth_settings)
+    assert dict(again.content["metrics"])["generator-cached"] == 1
+    assert len(checked) == 5
+    for reply in (info, train, evaluation, synth, again):
         for record in reply.content.values():
             if isinstance(record, MetricRecord):
                 # At most the held-out segmentation reply's 16 named aggregates (the set checked above).
