@@ -85,7 +85,7 @@ def main() -> int:
     print(f"{'total':<10} {median['total_s']:>8.2f} {'':>7}  (target <= 20 s per case: "
           f"{'met' if median['total_s'] <= 20 else 'NOT met'})")
     if args.out:
-        from common.training.classification import write_json
+        from common.files import write_json
 
         write_json(Path(args.out), {"profile": args.profile, "size": args.size, "roi_size": bundle.preprocessing["roi_size"], "threads": args.threads,
                                     "untrained": True, "runs": runs, "median": median})

@@ -35,22 +35,22 @@ import torch  # noqa: E402
 
 from common.config import load_profile  # noqa: E402
 from common.errors import HemexError  # noqa: E402
+from common.files import seed_everything, versions, write_json  # noqa: E402
 from common.networks import as_output_list  # noqa: E402
 from common.data.contract import read_cohort  # noqa: E402
 from common.training.central import (  # noqa: E402
     load_split,
     model_architecture,
-    package_versions,
     resolve_device,
     sample_cache,
     validate_centers,
     validate_model,
 )
-from common.training.checkpoint import build_model, write_json_atomic  # noqa: E402
+from common.training.checkpoint import build_model  # noqa: E402
 from common.training.augment import window_tensor  # noqa: E402
 from common.training.losses import DeepSupervisionDiceCE  # noqa: E402
 from common.training.patches import PatchSampler  # noqa: E402
-from common.training.segmentation import seed_everything, train_segmentation, uses_bf16  # noqa: E402
+from common.training.segmentation import train_segmentation, uses_bf16  # noqa: E402
 from common.training.settings import SegmentationSettings  # noqa: E402
 from seg_downstream import MarkerModel, delivered_records, reference_aucs, reference_rows, summarize_arm  # noqa: E402
 
@@ -233,9 +233,9 @@ def run(args) -> dict:
         "marker_auc": ceiling, "marker_training_cases": markers.n_train,
         "federated_over_central": (federated["dice_native"] / central_umamba["dice_native"]
                                    if federated and central_umamba else None),
-        "versions": package_versions(), "arms": rows,
+        "versions": versions(), "arms": rows,
     }
-    write_json_atomic(Path(args.out), report)
+    write_json(Path(args.out), report)
     print_table(rows, ceiling, report["federated_over_central"])
     print(f"wrote {args.out}")
     return report

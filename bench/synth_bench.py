@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     from common.synthesis.ratio import parse_ratio, synthetic_needed
     from common.synthesis.run import load_center_rois, resize_rois, synthesize
     from common.synthesis.settings import synthesis_settings
+    from common.files import seed_everything
     from common.training.classification import (Budget, ClassifierSettings, build_roi_dataset, case_logits,
-                                                create_model, seed_everything, train_classifier)
+                                                create_model, train_classifier)
 
     started = time.time()
     out = Path(args.out)

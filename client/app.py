@@ -34,6 +34,7 @@ from common.data.preprocess import load_case, resample_sample
 from common.federation import binned
 from common.federation.records import (WITHHELD, PrivacyViolation, check_reply, from_record, load_global, norm_keys,
                                        to_record)
+from common.files import seed_everything
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model
 from common.training.evaluation import evaluate_segmentation
@@ -47,7 +48,7 @@ from common.metrics.classification import Z95, delong_ci, delong_test
 from common.training.inference import mask_on_grid, segment
 from common.training.postprocess import refine_boundary
 from common.training.privacy import DPSettings, train_classifier_dp
-from common.training.segmentation import seed_everything, train_segmentation
+from common.training.segmentation import train_segmentation
 
 app = ClientApp(mods=[site_errors])
 

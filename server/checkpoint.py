@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from common.config import load_profile
 from common.errors import ConfigError
+from common.files import atomic_write, write_json
 from common.federation.records import from_record, to_record
 from common.federation.settings import FederationSettings
 
@@ -66,13 +66,12 @@ class ServerCheckpoints:
         self.fingerprint = fingerprint(self.settings)
 
     def save(self, stage: str, server_round: int, arrays: ArrayRecord, state: dict) -> None:
-        weights = self.folder / f"{stage}-round{server_round:03d}.safetensors"
-        tmp = weights.with_name(f".{weights.name}.tmp")
-        save_file({k: v.contiguous() for k, v in from_record(arrays).items()}, str(tmp))
-        os.replace(tmp, weights)
+        tensors = {k: v.contiguous() for k, v in from_record(arrays).items()}
+        weights = atomic_write(self.folder / f"{stage}-round{server_round:03d}.safetensors",
+                               lambda tmp: save_file(tensors, tmp))
         record = {"stage": stage, "round": server_round, "weights": weights.name, **state,
                   "fingerprint": self.fingerprint, "settings": self.settings}
-        self._write_json(self.folder / f"{stage}.json", record)
+        write_json(self.folder / f"{stage}.json", record)
 
     def _record(self, path: Path) -> dict:
         """A stage's checkpoint record, refused unless this run's settings wrote it."""
@@ -106,9 +105,3 @@ class ServerCheckpoints:
         record = self._record(path)
         weights = load_file(str(self.folder / record["weights"]))
         return int(record["round"]), to_record(weights), record
-
-    @staticmethod
-    def _write_json(path: Path, payload: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=float), encoding="utf-8")
-        os.replace(tmp, path)

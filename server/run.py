@@ -3,28 +3,25 @@ centres, then evaluate the final weights on every centre (held-out ones included
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import __version__
 from common.config import load_profile
 from common.errors import ConfigError
+from common.files import seed_everything, versions, write_json
 from common.federation import binned
 from common.inference.bundle import load_signing_key, preprocessing_from_profile, sign_manifest, write_manifest
 from common.federation.records import WITHHELD, to_record
 from common.federation.settings import POOLED, FederationSettings
-from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, package_versions
+from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model, save_checkpoint
 from common.training.classification import ClassifierSettings, save_classifier
 from common.training.classification import create_model as create_classifier_model
-from common.training.segmentation import seed_everything
 from common.training.settings import SegmentationSettings
 from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings
@@ -271,7 +268,7 @@ class FederatedRun:
                 else:
                     self.log("the model bundle is unsigned (no bundle-key): sites can check its checksums only")
         self.report["timing"]["total_seconds"] = time.time() - started
-        self.report["versions"] = {"hemex": __version__, **package_versions()}
+        self.report["versions"] = {"hemex": __version__, **versions()}
         write_json(self.out / "federation.json", self.report)
         write_json(self.out / "config.json", {"run_config": self.settings.to_run_config(),
                                               "profile": self.profile, "segmentation": self.seg.as_dict(),
@@ -478,15 +475,3 @@ def summarize_round(entry: dict) -> str:
     return "; ".join(parts) or "no metrics"
 
 
-def write_json(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from common.training.classification import write_json
+from common.files import write_json
 
 FORMAT = "hemex-seed-summary/1"
 

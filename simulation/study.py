@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from common.federation.settings import ARMS, FederationSettings
-from common.training.classification import write_json
+from common.files import write_json
 from simulation.metrics import study_metrics
 from simulation.report import write_report
 from simulation.resources import PeakMemory

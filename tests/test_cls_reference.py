@@ -19,8 +19,9 @@ import torch
 from test_cls_training import SMALL, TEST_PROFILE, planted_cohort
 
 from common.metrics.markers import MARKER_NAMES
+from common.files import seed_everything
 from common.training.classification import (Budget, ClassifierSettings, case_logits, create_model, fit_calibration,
-                                            seed_everything, stratified_split, train_classifier)
+                                            stratified_split, train_classifier)
 
 torch.set_num_threads(1)
 REFERENCE_COMMIT = "750fcdb8c86fa8c9cea80de1c25f6f273ef3d25e"

@@ -76,7 +76,7 @@ def write_manifest(bundle_dir: Path, provenance: dict, preprocessing: dict | Non
     (centres, rounds, case counts, versions); "version" there becomes the model version.
     """
     from common import __version__
-    from common.training.checkpoint import write_json_atomic
+    from common.files import versions, write_json
 
     bundle_dir = Path(bundle_dir)
     for rel in REQUIRED:
@@ -97,14 +97,12 @@ def write_manifest(bundle_dir: Path, provenance: dict, preprocessing: dict | Non
     files = {rel: sha256_file(bundle_dir / rel) for rel in _bundle_files(bundle_dir)}
     combined = hashlib.sha256("".join(f"{k}={v};" for k, v in files.items()).encode()).hexdigest()
     version = str(provenance.get("version") or f"hemex-{__version__}+{combined[:12]}")
-    from common.training.classification import versions
-
     manifest = {"format": FORMAT, "model_version": version, "created": datetime.now(timezone.utc).isoformat(),
                 "files": files, "preprocessing": pre,
                 "provenance": {"versions": versions(), **provenance}}
     path = bundle_dir / MANIFEST_NAME
     (bundle_dir / SIGNATURE_NAME).unlink(missing_ok=True)  # it signed another manifest
-    write_json_atomic(path, manifest)
+    write_json(path, manifest)
     return path
 
 
@@ -154,13 +152,13 @@ def key_id(public_key) -> str:
 
 def sign_manifest(bundle_dir: Path, key_path: Path) -> Path:
     """Sign BUNDLE/manifest.json's bytes with the coordinator's key into BUNDLE/manifest.sig."""
-    from common.training.checkpoint import write_json_atomic
+    from common.files import write_json
 
     key = load_signing_key(key_path)
     data = (Path(bundle_dir) / MANIFEST_NAME).read_bytes()
     path = Path(bundle_dir) / SIGNATURE_NAME
-    write_json_atomic(path, {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
-                             "signature": base64.b64encode(key.sign(data)).decode("ascii")})
+    write_json(path, {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
+                      "signature": base64.b64encode(key.sign(data)).decode("ascii")})
     return path
 
 

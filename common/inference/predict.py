@@ -50,7 +50,7 @@ from common.data.plausibility import anatomy_problems, coverage_problems, hu_pro
 from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
 from common.errors import DataError, HemexError
 from common.inference.bundle import Bundle
-from common.training.classification import write_json
+from common.files import write_json
 
 BAND_MARGIN = 0.10
 DEFAULT_THRESHOLD = 0.5

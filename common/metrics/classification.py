@@ -22,14 +22,14 @@ Undefined values (PPV without any positive call, an AUC with one class) are ``na
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 from scipy.special import logit
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
+
+from common.files import atomic_write
 
 Z95 = float(stats.norm.ppf(0.975))
 
@@ -266,24 +266,12 @@ def summarize(y, prob, threshold: float, n_boot: int = 2000, seed: int = 0, n_bi
 # ----------------------------------------------------------------------------- plots
 
 def _save_figure(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"), ".png")
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return path
 
 
 def plot_roc(curves: dict, path: Path, title: str = "ROC") -> Path:

@@ -19,12 +19,7 @@ Counting for the ratio is per ROI slice (the classifier trains on slices; every 
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import platform
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from common.errors import DataError, HemexError
+from common.files import versions, write_json, write_npz
 from common.synthesis.settings import SynthesisSettings
 
 NPZ_FORMAT = "hemex-synthetic-he/1"
@@ -148,49 +144,6 @@ def load_synthetic(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if meta.get("format") != NPZ_FORMAT:
         raise DataError(path, f"format {meta.get('format')!r}, expected {NPZ_FORMAT!r}")
     return images, masks, meta
-
-
-def versions() -> dict:
-    import monai
-    import torch
-
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-            "monai": monai.__version__, "numpy": np.__version__}
-
-
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, payload: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, allow_nan=True)
-            fh.write("\n")
-
-    _atomic_write(Path(path), write)
-
-
-def write_npz(path: Path, meta: dict, **arrays) -> None:
-    def write(tmp):
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, meta=np.array(json.dumps(meta)), **arrays)
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getvalue())
-
-    _atomic_write(Path(path), write, ".npz")
 
 
 @dataclass

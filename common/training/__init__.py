@@ -12,7 +12,7 @@ patches), ``augment``, ``losses`` (deep-supervised DiceCE, FedProx term), ``infe
 from common.training.checkpoint import architecture, build_model, load_checkpoint, save_checkpoint
 from common.training.evaluation import evaluate_segmentation
 from common.training.inference import check_volume, predict_mask, predict_probabilities
-from common.training.segmentation import TrainResult, seed_everything, train_segmentation
+from common.training.segmentation import TrainResult, train_segmentation
 from common.training.settings import SegmentationSettings
 
 __all__ = [
@@ -26,6 +26,5 @@ __all__ = [
     "predict_mask",
     "predict_probabilities",
     "save_checkpoint",
-    "seed_everything",
     "train_segmentation",
 ]

@@ -9,10 +9,8 @@ several architectures on one loaded split.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +21,11 @@ from common.data.contract import Case, list_centers, read_cohort
 from common.data.dataset import SampleCache, SkippedCase, split_by_center, with_masks
 from common.data.preprocess import Sample
 from common.errors import ConfigError
+from common.files import seed_everything, versions, write_json
 from common.networks import list_models
-from common.training.checkpoint import architecture, build_model, save_checkpoint, write_json_atomic
+from common.training.checkpoint import architecture, build_model, save_checkpoint
 from common.training.evaluation import evaluate_segmentation
-from common.training.segmentation import TrainResult, seed_everything, train_segmentation
+from common.training.segmentation import TrainResult, train_segmentation
 from common.training.settings import SegmentationSettings
 
 IN_CHANNELS_PER_WINDOW = 1
@@ -104,16 +103,6 @@ def validate_centers(data: Path, train: tuple[str, ...], test: tuple[str, ...]) 
 def validate_model(name: str) -> None:
     if name not in list_models():
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in ("hemex", "torch", "monai", "mambapy", "numpy", "SimpleITK", "safetensors"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def sample_cache(profile: dict) -> SampleCache:
@@ -204,7 +193,7 @@ def run_train_seg(request: RunRequest, log: Callable[[str], None] = print,
         "device": str(device), "train_centers": list(request.train_centers),
         "test_centers": list(request.test_centers),
         "preprocess": {"spacing": list(cache.spacing), "windows": [list(w) for w in cache.windows]},
-        "segmentation": settings.as_dict(), "architecture": arch, "versions": package_versions(),
+        "segmentation": settings.as_dict(), "architecture": arch, "versions": versions(),
         "split": split.case_ids(),
     }
     metrics = {
@@ -216,6 +205,6 @@ def run_train_seg(request: RunRequest, log: Callable[[str], None] = print,
     save_checkpoint(out, trained.result.best_state, arch,
                     {"seed": request.seed, "profile": profile["name"], "train_centers": list(request.train_centers),
                      "best_epoch": trained.result.best_epoch, "val_dice": trained.result.metrics["val_dice"]})
-    write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "config.json", config)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "config.json", config)
     return metrics

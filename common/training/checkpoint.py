@@ -12,9 +12,6 @@ state-dict key errors.
 from __future__ import annotations
 
 import json
-import math
-import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import ConfigError, DataError
+from common.files import atomic_write, write_json
 from common.networks import create_model, get_default_config
 
 FORMAT = "hemex-seg-checkpoint/1"
@@ -62,58 +60,14 @@ def architecture_differences(saved: dict, requested: dict) -> list[str]:
     return diffs
 
 
-def temporary_sibling(path: Path) -> Path:
-    """A unique hidden name beside `path` (same folder, so the final rename is atomic)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    """Write JSON to a temporary sibling, then rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(_strict_json(payload), handle, indent=2, allow_nan=False, default=_json_default)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _strict_json(value):
-    """NaN and infinities become null: strict JSON readers (jq, browsers) reject NaN."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def _json_default(value):
-    if isinstance(value, set):
-        return sorted(value)
-    return str(value)  # paths, devices
-
-
 def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], arch: dict, info: dict | None = None) -> Path:
     """Write DIR/model.safetensors and DIR/model.json atomically; returns the weights path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_NAME
-    tmp = temporary_sibling(weights)
-    try:
-        # safetensors refuses shared or strided storage: store contiguous copies.
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp),
-                  metadata={"format": FORMAT, "architecture": json.dumps(_plain_json(arch))})
-        os.replace(tmp, weights)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_json_atomic(folder / RECORD_NAME, {"format": FORMAT, "architecture": _plain_json(arch), **(info or {})})
+    # safetensors refuses shared or strided storage: store contiguous copies.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    weights = atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(
+        state, tmp, metadata={"format": FORMAT, "architecture": json.dumps(_plain_json(arch))}))
+    write_json(folder / RECORD_NAME, {"format": FORMAT, "architecture": _plain_json(arch), **(info or {})})
     return weights
 
 

@@ -34,11 +34,7 @@ import copy
 import csv
 import json
 import math
-import os
-import platform
-import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,6 +49,7 @@ from common.data.contract import Case
 from common.data.preprocess import DEFAULT_WINDOWS, Sample, load_case
 from common.data.roi import CaseROIs, extract_rois
 from common.errors import ConfigError, DataError, HemexError
+from common.files import atomic_write, cpu_state, seed_everything, versions, write_csv, write_json
 from common.metrics.markers import MARKER_NAMES, marker_features, marker_vector
 from common.networks.vit import marker_inputs  # cheap: timm is imported only when a model is built
 
@@ -350,16 +347,6 @@ class ClassifierResult:
     state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     history: list[dict] = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def case_markers(rois: CaseROIs, n_markers: int) -> np.ndarray:
@@ -727,61 +714,6 @@ def fit_calibration(z, y, method: str = "platt", pos_weight: float = 1.0) -> Cal
 
 # ============================================================================ files
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _strict(value):
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, payload) -> Path:
-    """Strict JSON (NaN -> null), written to a temporary name and renamed."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(_strict(payload), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-    return _atomic(path, write)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-    return _atomic(path, write)
-
-
 def save_classifier(folder: Path, state: dict[str, torch.Tensor], record: dict) -> Path:
     """DIR/classifier.safetensors (torch.save .pt if safetensors is missing) + DIR/classifier.json."""
     folder = Path(folder)
@@ -789,10 +721,10 @@ def save_classifier(folder: Path, state: dict[str, torch.Tensor], record: dict) 
     try:
         from safetensors.torch import save_file
 
-        weights = _atomic(folder / "classifier.safetensors",
+        weights = atomic_write(folder / "classifier.safetensors",
                           lambda tmp: save_file(state, tmp, metadata={"format": MODEL_FORMAT}))
     except ImportError:
-        weights = _atomic(folder / "classifier.pt", lambda tmp: torch.save(state, tmp))
+        weights = atomic_write(folder / "classifier.pt", lambda tmp: torch.save(state, tmp))
     write_json(folder / "classifier.json", {"format": MODEL_FORMAT, "weights": weights.name, **record})
     return weights
 
@@ -822,18 +754,6 @@ def load_classifier(folder: Path, device="cpu") -> tuple[nn.Module, ClassifierSe
         state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), settings, Calibration(**record["calibration"]), record
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("hemex", "torch", "timm", "monai", "numpy", "scipy", "scikit-learn", "SimpleITK", "safetensors"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 # ============================================================================ the central run

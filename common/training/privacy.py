@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data.roi import CaseROIs
 from common.errors import DataError
+from common.files import seed_everything
 from common.networks.vit import marker_inputs
 from common.training.classification import (DEFAULT_WINDOWS, ClassifierSettings, augment_batch, case_markers, lr_at,
-                                            make_optimizer, roi_array, seed_everything)
+                                            make_optimizer, roi_array)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ train-seg` calls it once for a whole central run.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from common.data.preprocess import DEFAULT_WINDOWS, Sample, window_channels
+from common.files import cpu_state, seed_everything
 from common.metrics.segmentation import segmentation_metrics
 from common.networks import as_output_list
 from common.training.augment import augment_batch, build_augmentation, window_tensor
@@ -41,13 +41,6 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (model initialisation happens outside the training call)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def uses_bf16(precision: str, device) -> bool:
@@ -107,10 +100,6 @@ def sample_windows(samples: list[Sample]) -> tuple:
         raise ValueError(f"{probe.center}/{probe.case_id}: image channels are not the HU windows {windows}; "
                          "record the windows in Sample.meta['windows']")
     return windows
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def train_segmentation(
