@@ -20,7 +20,7 @@ from common.data.preprocess import load_case
 from common.metrics.classification import auc
 from common.metrics.markers import marker_features
 from common.metrics.segmentation import overlap_metrics
-from common.training.classification import ClassifierSettings
+from common.training.classification.settings import ClassifierSettings
 from common.training.evaluation import delivered_mask
 from common.training.inference import segment
 

@@ -85,8 +85,10 @@ def main(argv=None) -> int:
     from common.synthesis.run import load_center_rois, resize_rois, synthesize
     from common.synthesis.settings import synthesis_settings
     from common.files import seed_everything
-    from common.training.classification import (Budget, ClassifierSettings, build_roi_dataset, case_logits,
-                                                create_model, train_classifier)
+    from common.training.classification.prediction import case_logits
+    from common.training.classification.rois import build_roi_dataset
+    from common.training.classification.settings import ClassifierSettings, create_model
+    from common.training.classification.training import Budget, train_classifier
 
     started = time.time()
     out = Path(args.out)

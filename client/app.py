@@ -41,9 +41,11 @@ from common.training.evaluation import evaluate_segmentation
 from common.synthesis.run import MIN_HE_CASES, load_synthetic, resize_rois, run_synth, usable_he_cases
 from common.baselines import (BASELINE_ARMS, MARKER_MODEL_FEATURES, baseline_logits, feature_matrix, site_moments,
                               site_newton_terms)
-from common.training.classification import Budget, build_roi_dataset, case_logits, train_classifier
-from common.training.classification import key as case_key
-from common.training.classification import create_model as create_classifier_model
+from common.training.classification.prediction import case_logits
+from common.training.classification.rois import build_roi_dataset
+from common.training.classification.rois import key as case_key
+from common.training.classification.settings import create_model as create_classifier_model
+from common.training.classification.training import Budget, train_classifier
 from common.metrics.classification import Z95, delong_ci, delong_test
 from common.training.inference import mask_on_grid, segment
 from common.training.postprocess import refine_boundary

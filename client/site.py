@@ -20,7 +20,8 @@ from common.data.dataset import SampleCache, split_by_center, with_masks
 from common.data.io import slice_spacing_mm
 from common.errors import ConfigError, HemexError
 from common.federation.settings import POOLED, FederationSettings
-from common.training.classification import ClassifierSettings, build_roi_dataset, stratified_split
+from common.training.classification.rois import build_roi_dataset, stratified_split
+from common.training.classification.settings import ClassifierSettings
 from common.training.settings import SegmentationSettings
 
 

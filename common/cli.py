@@ -53,7 +53,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_train_cls(args) -> int:
-    from common.training.classification import run_train_cls
+    from common.training.classification.train_cls import run_train_cls
 
     overrides = {"epochs": args.epochs, "steps": args.steps, "max_seconds": args.max_seconds}
     def centers(values: list[str]) -> list[str]:  # "A,B,C" (as every other command) or "A B C"

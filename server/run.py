@@ -20,8 +20,9 @@ from common.federation.records import WITHHELD, to_record
 from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model, save_checkpoint
-from common.training.classification import ClassifierSettings, save_classifier
-from common.training.classification import create_model as create_classifier_model
+from common.training.classification.settings import ClassifierSettings
+from common.training.classification.settings import create_model as create_classifier_model
+from common.training.classification.storage import save_classifier
 from common.training.settings import SegmentationSettings
 from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings

@@ -20,7 +20,7 @@ from scipy import stats
 
 from common.data.contract import read_center
 from common.metrics.classification import Z95, delong_ci
-from common.training.classification import read_oracle_risk
+from common.training.classification.oracle import read_oracle_risk
 
 SCHEMA_PATH = Path(__file__).with_name("metrics.schema.json")
 FORMAT = "hemex-study-metrics/1"

@@ -20,8 +20,11 @@ from test_cls_training import SMALL, TEST_PROFILE, planted_cohort
 
 from common.metrics.markers import MARKER_NAMES
 from common.files import seed_everything
-from common.training.classification import (Budget, ClassifierSettings, case_logits, create_model, fit_calibration,
-                                            stratified_split, train_classifier)
+from common.training.classification.calibration import fit_calibration
+from common.training.classification.prediction import case_logits
+from common.training.classification.rois import stratified_split
+from common.training.classification.settings import ClassifierSettings, create_model
+from common.training.classification.training import Budget, train_classifier
 
 torch.set_num_threads(1)
 REFERENCE_COMMIT = "750fcdb8c86fa8c9cea80de1c25f6f273ef3d25e"
@@ -70,7 +73,7 @@ def reference_figures(variant: str) -> dict:
 
 def train_cls_figures(data_root, tmp_path) -> dict:
     """The central `train-cls` run on the tiny cohort (the end-to-end test's profile)."""
-    from common.training.classification import run_train_cls
+    from common.training.classification.train_cls import run_train_cls
 
     profile = tmp_path / "cls-test.toml"
     profile.write_text(TEST_PROFILE, encoding="utf-8")

@@ -16,16 +16,11 @@ from common.data.roi import CaseROIs
 from common.errors import ConfigError, DataError
 from common.metrics.classification import auc
 from common.networks.vit import create_classifier, load_local_weights
-from common.training.classification import (
-    Budget,
-    ClassifierSettings,
-    build_roi_dataset,
-    case_logits,
-    fit_calibration,
-    slice_arrays,
-    stratified_split,
-    train_classifier,
-)
+from common.training.classification.calibration import fit_calibration
+from common.training.classification.prediction import case_logits
+from common.training.classification.rois import build_roi_dataset, stratified_split
+from common.training.classification.settings import ClassifierSettings
+from common.training.classification.training import Budget, slice_arrays, train_classifier
 
 torch.set_num_threads(1)
 SMALL = dict(model="vit-micro-roi", pixels=32, patch_size=8, k_slices=2, batch_size=32, lr=1e-3,
@@ -173,7 +168,7 @@ def test_auxiliary_marker_regression_adds_outputs_and_needs_targets():
         train_classifier(model, train, Budget(steps=1), seed=0, settings=settings, aux_targets={"P/case0": {}})
     # Targets for some cases only (ROIs cut by a model, reference markers where a mask exists):
     # the others' rows are unknown, so only known rows enter the regression.
-    from common.training.classification import aux_arrays
+    from common.training.classification.training import aux_arrays
 
     partial = {k: v for k, v in targets.items() if k in ("P/case0", "P/case1", "P/case2")}
     rows, known = aux_arrays(train, partial, sum(len(r.images) for r in train) + 2)
@@ -262,7 +257,7 @@ def test_train_cls_end_to_end_on_the_tiny_cohort(tmp_path):
                  "calibration_pooled.png", "roc_center4.png"):
         assert (out / name).is_file(), name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
-    from common.training.classification import load_classifier
+    from common.training.classification.storage import load_classifier
 
     model, settings, calibration, record = load_classifier(out)
     assert settings.pixels == 32 and record["threshold"] == metrics["thresholds"]["vit"]

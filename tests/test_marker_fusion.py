@@ -16,8 +16,10 @@ from common.errors import DataError
 from common.metrics.classification import auc
 from common.metrics.markers import MARKER_CLIP, MARKER_NAMES, MARKER_REFERENCE, marker_vector
 from common.networks.vit import MarkerFusion, create_classifier, marker_inputs
-from common.training.classification import (Budget, ClassifierSettings, build_roi_dataset, case_logits, create_model,
-                                            slice_markers, train_classifier)
+from common.training.classification.prediction import case_logits
+from common.training.classification.rois import build_roi_dataset, slice_markers
+from common.training.classification.settings import ClassifierSettings, create_model
+from common.training.classification.training import Budget, train_classifier
 from common.training.privacy import DPSettings, PatientSlices, train_classifier_dp
 
 torch.set_num_threads(1)

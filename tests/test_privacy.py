@@ -14,7 +14,8 @@ from common.data.roi import CaseROIs
 from common.errors import ConfigError
 from common.federation.settings import FederationSettings
 from common.metrics.classification import auc
-from common.training.classification import ClassifierSettings, case_logits, create_model
+from common.training.classification.prediction import case_logits
+from common.training.classification.settings import ClassifierSettings, create_model
 from common.training.privacy import DPSettings, PatientSlices, epsilon, train_classifier_dp
 
 torch.set_num_threads(1)

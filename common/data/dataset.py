@@ -30,6 +30,9 @@ class SkippedCase:
     def as_dict(self) -> dict:
         return {"center": self.center, "case_id": self.case_id, "reason": self.reason}
 
+    def __str__(self) -> str:
+        return f"{self.center}/{self.case_id}: {self.reason}"
+
 
 class SampleCache:
     """Preprocessed samples keyed by (centre, case id), loaded on first request."""

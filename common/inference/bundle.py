@@ -1,7 +1,7 @@
 """A portable model bundle: the federation's model folder plus a checksummed manifest.
 
     BUNDLE/segmentation/model.safetensors, model.json          (common.training.checkpoint)
-    BUNDLE/classifier/classifier.safetensors, classifier.json  (common.training.classification)
+    BUNDLE/classifier/classifier.safetensors, classifier.json  (common.training.classification.storage)
     BUNDLE/manifest.json                                        (this module)
 
 manifest.json = {"format": "hemex-bundle/1", "files": {relative path: sha256}, "preprocessing":
@@ -282,7 +282,7 @@ def load_bundle(path: Path, device="cpu", trusted_key: Path | None = None) -> Bu
     """Verify the signature (with `trusted_key`) and every checksum, then load both models.
     Raises DataError (one line)."""
     from common.training.checkpoint import load_checkpoint
-    from common.training.classification import load_classifier
+    from common.training.classification.storage import load_classifier
 
     path, manifest = read_manifest(path)
     if trusted_key is not None:
@@ -311,7 +311,8 @@ def write_untrained_bundle(bundle_dir: Path, profile: str = "smoke", seed: int =
     from common.config import load_profile
     from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
     from common.training.checkpoint import architecture, build_model, save_checkpoint
-    from common.training.classification import ClassifierSettings, create_model, save_classifier
+    from common.training.classification.settings import ClassifierSettings, create_model
+    from common.training.classification.storage import save_classifier
     from common.training.settings import SegmentationSettings
 
     bundle_dir = Path(bundle_dir)

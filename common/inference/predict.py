@@ -120,7 +120,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
 
     from common.data.roi import extract_rois
     from common.metrics.markers import marker_features, marker_vector
-    from common.training.classification import case_logits
+    from common.training.classification.prediction import case_logits
     from common.training.inference import mask_on_grid, segment
     from common.training.postprocess import implausible_mask, refine_boundary
 

@@ -128,7 +128,7 @@ def load_split(data: Path, train_centers, test_centers, settings: SegmentationSe
     test_cases, skipped_test = with_masks([c for center in test_centers for c in cohort[center]], "evaluation")
     skipped += skipped_test
     for item in skipped:
-        log(f"skipped {item.center}/{item.case_id}: {item.reason}")
+        log(f"skipped {item}")
     if not train_cases:
         raise ConfigError(f"no training case with a hematoma mask in {', '.join(train_centers)}")
     if not test_cases:

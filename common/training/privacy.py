@@ -29,12 +29,14 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from common.data.preprocess import DEFAULT_WINDOWS
 from common.data.roi import CaseROIs
 from common.errors import DataError
 from common.files import seed_everything
 from common.networks.vit import marker_inputs
-from common.training.classification import (DEFAULT_WINDOWS, ClassifierSettings, augment_batch, case_markers, lr_at,
-                                            make_optimizer, roi_array)
+from common.training.classification.rois import case_markers, roi_array
+from common.training.classification.settings import ClassifierSettings
+from common.training.classification.training import augment_batch, lr_at, make_optimizer
 
 
 @dataclass(frozen=True)
