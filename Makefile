@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 SEED ?= 0
+ARGS ?=
 
 .PHONY: simulate test install clean
 
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 simulate: $(STAMP)
-	$(VENV)/bin/hemex simulate --seed $(SEED) --out runs/paper-seed$(SEED)
+	$(VENV)/bin/hemex simulate --seed $(SEED) --out runs/paper-seed$(SEED) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

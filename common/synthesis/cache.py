@@ -28,7 +28,7 @@ from common.synthesis.settings import SynthesisSettings
 FORMAT = "hemex-generator-cache/1"
 # Settings that act after training: changing them must not retrain.
 AFTER_TRAINING = ("sample_steps", "ddim_eta", "sample_batch", "ratio", "max_synthetic", "audit_percentile",
-                  "audit_max_shift", "oversample", "realism_gate")
+                  "audit_max_shift", "oversample", "realism_gate", "realism_samples")
 
 
 def generator_key(inputs: np.ndarray, labels: np.ndarray | None, settings: SynthesisSettings, seed: int) -> str:

@@ -54,6 +54,7 @@ class SynthesisSettings:
     audit_percentile: float = 5.0
     audit_max_shift: int = 2
     oversample: float = 1.25  # generate this many times the needed count, so rejections can be replaced
+    realism_samples: int = 64  # generate at least this many candidates: the realism gate's sample
     realism_gate: bool = True  # drop every synthetic ROI when the set fails audit.realism_verdict
 
     def as_dict(self) -> dict:
@@ -116,7 +117,7 @@ def _validated(settings: SynthesisSettings, source: str) -> SynthesisSettings:
         if getattr(settings, key) <= 0:
             bad(key, "must be > 0")
     for key in ("slices_per_case", "base_channels", "grid_size", "kan_layers", "train_steps", "batch_size",
-                "num_train_timesteps", "sample_steps", "sample_batch"):
+                "num_train_timesteps", "sample_steps", "sample_batch", "realism_samples"):
         if getattr(settings, key) < 1:
             bad(key, "must be >= 1")
     if settings.beta_end <= settings.beta_start or settings.beta_end >= 1:
