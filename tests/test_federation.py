@@ -341,7 +341,7 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
 
     local = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1, "epochs": 1, "arm": "local-center1"})})
     failed = call_client(client_app.app, "train.cls", local, 0, settings)  # the site's log has "needs both classes"
-    assert failed.error.reason.startswith("DataError: site error in train.cls at classification.py:")
+    assert failed.error.reason.startswith("DataError: site error in train.cls at training.py:")  # common/training/classification/training.py
 
 
 @pytest.mark.slow
