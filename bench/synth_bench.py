@@ -261,6 +261,8 @@ def learning_curves(args) -> int:
             settings = base.with_overrides(generator=generator, objective=objective or base.objective,
                                            train_steps=max(checkpoints))
             inputs = generator_inputs(rois, settings)
+            # As synthesize(): all labelled ROIs with their labels (sampled as HE) or the HE ROIs alone.
+            inputs, labels = (inputs, rois.labels) if settings.conditional else (inputs[he], None)
             timing = {"train": 0.0, "last": time.perf_counter()}
 
             def score(step, trained):
@@ -287,7 +289,7 @@ def learning_curves(args) -> int:
                     f"{row['precision']:.2f} recall {row['recall']:.2f}, NN ratio {row['nn_distance_ratio']:.2f}")
                 timing["last"] = time.perf_counter()
 
-            train_generator(inputs, settings, seed=args.seed, checkpoints=score)
+            train_generator(inputs, settings, seed=args.seed, labels=labels, checkpoints=score)
     record = {"data": str(args.data), "profile": args.profile, "seed": args.seed, "threads": args.threads,
               "synthesis": base.as_dict(), "rows": rows, "seconds": time.time() - started}
     tmp = out / ".synth_curve.json.tmp"
