@@ -3,7 +3,7 @@
 #
 #   client/deploy/start-supernode.sh --superlink HOST:PORT --ca ca.crt --key center1.key \
 #       --center center1 --data-path /data/DATA_ROOT/center1 [--port 9094] [--state DIR]
-#       [--min-aggregate-cases K] [--max-cls-scorings N]
+#       [--min-aggregate-cases K] [--max-cls-scorings N] [--cache-dir DIR]
 #       [-- extra flower-supernode arguments, e.g. --max-retries 5 --max-wait-time 300]
 #
 # --superlink  the coordinator's SuperLink (host or IP as in its certificate, and its port)
@@ -17,6 +17,9 @@
 # --state      folder for this SuperNode's Flower home (installed app bundles); default
 #              ${XDG_STATE_HOME:-~/.local/state}/hemex/supernode-<center>, outside any app folder
 #              (state inside the app would be packed into the next app bundle)
+# --cache-dir  where this site keeps its trained generator for reuse (node-config cache-dir);
+#              default <data-path>/../.hemex-<center>/cache. It is a model of the site's patients:
+#              keep it as private as the data.
 # --min-aggregate-cases  this site withholds aggregates of fewer than K cases (the run's value
 #              is used when larger); --max-cls-scorings: it scores at most N classifier models
 #              per run (the run's value when smaller). A coordinator cannot loosen either.
@@ -28,7 +31,7 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "start-supernode.sh: $*" >&2; exit 2; }
 
-superlink="" ca="" key="" center="" data_path="" port="9094" state="" limits=""
+superlink="" ca="" key="" center="" data_path="" port="9094" state="" node_settings=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink="${2:?--superlink needs HOST:PORT}"; shift 2 ;;
@@ -38,9 +41,10 @@ while [[ $# -gt 0 ]]; do
     --data-path) data_path="${2:?--data-path needs a folder}"; shift 2 ;;
     --port) port="${2:?--port needs a number}"; shift 2 ;;
     --state) state="${2:?--state needs a folder}"; shift 2 ;;
+    --cache-dir) node_settings+=" cache-dir='${2:?--cache-dir needs a folder}'"; shift 2 ;;
     --min-aggregate-cases|--max-cls-scorings)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "$1 needs an integer >= 1"
-      limits+=" ${1#--}=$2"; shift 2 ;;
+      node_settings+=" ${1#--}=$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) die "unknown argument $1 (see --help)" ;;
@@ -70,4 +74,4 @@ key="$(cd "$(dirname "$key")" && pwd)/$(basename "$key")"
 
 # TOML literal strings ('...'): the path is taken verbatim, backslashes included.
 exec "$supernode" --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
-  --node-config "center='$center' data-path='$data_path'$limits" --host 127.0.0.1 --port "$port" "$@"
+  --node-config "center='$center' data-path='$data_path'$node_settings" --host 127.0.0.1 --port "$port" "$@"
