@@ -75,10 +75,8 @@ def main(argv=None) -> int:
     if args.curve:
         return learning_curves(args)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from common.config import load_profile
+    started = time.time()
+    out, profile, windows = setup(args)
     from common.data.contract import read_cohort
     from common.metrics.classification import delong_ci, delong_test
     from common.synthesis.ratio import parse_ratio, synthetic_needed
@@ -90,11 +88,6 @@ def main(argv=None) -> int:
     from common.training.classification.settings import ClassifierSettings, create_model
     from common.training.classification.training import Budget, train_classifier
 
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    profile = load_profile(args.profile)
-    windows = [tuple(w) for w in profile["preprocess"]["windows"]]
     cls = ClassifierSettings.from_profile(profile)
     syn = synthesis_settings(profile, train_steps=args.gen_steps)
     train_centers = [c for c in args.train_centers.split(",") if c]
@@ -226,12 +219,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def learning_curves(args) -> int:
-    """Quality against training time for each approach at each training centre (see the module note)."""
+def setup(args) -> tuple[Path, dict, list]:
+    """Threads, the output folder, the profile and its HU windows: what both modes start from."""
     import torch
 
-    torch.set_num_threads(args.threads)
     from common.config import load_profile
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(args.profile)
+    return out, profile, [tuple(w) for w in profile["preprocess"]["windows"]]
+
+
+def learning_curves(args) -> int:
+    """Quality against training time for each approach at each training centre (see the module note)."""
     from common.synthesis.audit import feature_distance, memorization_audit, realism_verdict
     from common.synthesis.diffusion import sample, train_generator
     from common.synthesis.ratio import synthetic_needed
@@ -239,10 +241,7 @@ def learning_curves(args) -> int:
     from common.synthesis.settings import synthesis_settings
 
     started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    profile = load_profile(args.profile)
-    windows = [tuple(w) for w in profile["preprocess"]["windows"]]
+    out, profile, windows = setup(args)
     base = synthesis_settings(profile)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c})
     rows = []

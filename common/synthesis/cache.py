@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.files import atomic_write, cpu_state, write_json
 from common.synthesis.diffusion import TrainedGenerator, build_generator
 from common.synthesis.settings import SynthesisSettings
 
@@ -85,13 +85,9 @@ def save_generator(cache_dir: Path | None, key: str, trained: TrainedGenerator) 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     weights, record_path = _paths(cache_dir, key)
-    state = {k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()}
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
-    record = {"format": FORMAT, "image_shape": list(trained.image_shape), "num_classes": trained.num_classes,
-              "losses": trained.losses, "step_seconds": trained.step_seconds, "stopped_early": trained.stopped_early,
-              "torch": torch.__version__}
-    tmp = record_path.with_name(f".{record_path.name}.tmp")
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    os.replace(tmp, record_path)
+    state = {k: v.contiguous() for k, v in cpu_state(trained.model).items()}
+    atomic_write(weights, lambda tmp: save_file(state, tmp), ".safetensors")
+    write_json(record_path, {"format": FORMAT, "image_shape": list(trained.image_shape),
+                             "num_classes": trained.num_classes, "losses": trained.losses,
+                             "step_seconds": trained.step_seconds, "stopped_early": trained.stopped_early,
+                             "torch": torch.__version__})
