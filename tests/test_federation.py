@@ -663,3 +663,11 @@ def test_a_missing_data_root_or_misspelled_centre_fails_before_any_flower_proces
         assert err == f"hemex {command}: error: {message}\n"
         assert time.monotonic() - started < 5
         assert not out.exists()  # no run folder, no Flower home: nothing was started
+
+
+def test_every_training_site_of_a_round_runs_at_once_on_a_small_machine():
+    from simulation.run import ray_cpus
+
+    assert ray_cpus(2, 3) == 3  # 3 sites on 2 cores: all at once, not 2 + 1 with a core idle every round
+    assert ray_cpus(2, 2) == 2 and ray_cpus(8, 3) == 8  # enough cores: unchanged
+    assert ray_cpus(2, 9) == 4  # never more than twice the real count
