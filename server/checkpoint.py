@@ -24,7 +24,8 @@ from common.federation.settings import FederationSettings
 
 # Where data and outputs live and how long to wait: a resume may change these. Everything else in
 # the run config, and the profile's contents, decides the weights.
-NOT_TRAINING = ("data-root", "out-dir", "cache-dir", "resume", "node-wait-s", "round-timeout-s", "min-aggregate-cases",
+NOT_TRAINING = ("data-root", "out-dir", "cache-dir", "resume", "node-wait-s", "round-timeout-s", "straggler-factor",
+                "straggler-grace-s", "min-aggregate-cases",
                 "max-cls-scorings", "bundle-key", "profile")
 
 

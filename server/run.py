@@ -26,7 +26,7 @@ from common.training.classification.storage import save_classifier
 from common.training.settings import SegmentationSettings
 from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings
-from server.grid import StageGrid, error_summary
+from server.grid import Deadlines, StageGrid, collect_replies, error_summary
 from server.guard import GuardedStrategy, RunFailed, train_reply_problem
 from server.strategies import build_strategy
 
@@ -47,6 +47,7 @@ class FederatedRun:
         self.cls = ClassifierSettings.from_profile(self.profile)
         self.centers: dict[str, int] = {}
         self.declared_cases: dict[str, int] = {}  # per node centre, from its info reply: bounds num-examples
+        self.deadlines = Deadlines(settings.round_timeout_s, settings.straggler_factor, settings.straggler_grace_s)
         self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
         self.steps_done, self.steps_total = 0, self.count_steps()
 
@@ -77,7 +78,7 @@ class FederatedRun:
         messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info")
                     for n in nodes]
         # A first message makes each site load its app and libraries: allow a round's timeout.
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout_s) if messages else []
+        replies = collect_replies(self.grid, messages, self.deadlines)[0] if messages else []
         centers, counts = {}, {}
         for reply in replies:
             if reply.has_error():
@@ -140,7 +141,7 @@ class FederatedRun:
         self.steps_done += start_round
         train_nodes = {self.centers[c]: c for c in self.settings.train_centers}
         action = action or stage
-        stage_grid = StageGrid(self.grid, train_nodes, action, attach)
+        stage_grid = StageGrid(self.grid, train_nodes, action, attach, self.deadlines)
         s = self.settings
         strategy = GuardedStrategy(build_strategy(s, len(train_nodes)), train_nodes, self.declared_cases,
                                    s.min_valid_replies, s.max_failed_rounds, s.max_weight_ratio, stage, self.log)
@@ -424,10 +425,11 @@ class FederatedRun:
         by_node = {m.metadata.dst_node_id: key for key, m in messages.items()}
         if len(by_node) != len(messages):
             raise RuntimeError("exchange() sends at most one message per node")
-        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.settings.round_timeout_s)
-        results: dict[str, Message | str] = {key: "no reply before the timeout" for key in messages}
-        for reply in replies:
-            key = by_node.get(reply.metadata.src_node_id)
+        replies, cut_short = collect_replies(self.grid, list(messages.values()), self.deadlines)
+        results: dict[str, Message | str] = {key: cut_short or "no reply before the timeout" for key in messages}
+        by_message = {m.metadata.message_id: key for key, m in messages.items()}  # set on push
+        for reply in replies:  # a dead site's error reply comes from the SuperLink's node id
+            key = by_message.get(reply.metadata.reply_to_message_id) or by_node.get(reply.metadata.src_node_id)
             if key is not None:
                 results[key] = error_summary(reply.error.reason) if reply.has_error() else reply
         return results

@@ -144,9 +144,11 @@ def compute_bound_s(handler_seconds: list[float], workers: int = 2) -> float:
     return max(max(handler_seconds), sum(handler_seconds) / workers) if handler_seconds else 0.0
 
 
-def traffic(report: dict, workers: int = 2) -> dict:
+def traffic(report: dict, workers: int | None = None) -> dict:
     """Per trained stage: model size, bytes per site per round, round wall time, and the share
-    of it not explained by the sites' handler time (Flower messaging, scheduling, Ray)."""
+    of it not explained by the sites' handler time (Flower messaging, scheduling, Ray).
+    `workers`: how many site handlers ran at once (default: the report's `concurrent_sites`, 2)."""
+    workers = workers or int(report.get("concurrent_sites", 2))
     out = {}
     for stage, record in report["stages"].items():
         rounds = [r for r in record.get("rounds", []) if "train" in r] if isinstance(record, dict) else []

@@ -169,9 +169,9 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
     run_config = {**settings.to_run_config(), "out-dir": str(out),
                   "data-root": str(Path(settings.data_root).resolve())}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-    federation = (f"num-supernodes={len(settings.node_centers)} "
-                  "client-resources-num-cpus=1 "
-                  f"init-args-num-cpus={ray_cpus(num_cpus, len(settings.train_centers))}")
+    concurrent_sites = ray_cpus(num_cpus, len(settings.train_centers))
+    federation = (f"num-supernodes={len(settings.node_centers)} client-resources-num-cpus=1 "
+                  f"init-args-num-cpus={concurrent_sites}")
     report_path = out / "federation.json"
     report_path.unlink(missing_ok=True)  # a previous run's report must not pass for this one's
     superlink = start_superlink(flwr_home, port, out / "superlink.log")
@@ -200,6 +200,7 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
         if process.returncode != 0 or report is None:
             raise HemexError(f"federation failed ({last_error(log_path) or f'flwr exit {process.returncode}'}); "
                              f"see {log_path}")
+        report["concurrent_sites"] = concurrent_sites  # how many site handlers shared the cores (traffic())
         return report
     finally:
         stop(superlink)

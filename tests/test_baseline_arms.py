@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.baselines import (MARKER_MODEL_FEATURES, VOLUME_FEATURES, FederatedFit, baseline_logits, fit_baseline,
                               newton_keys, pooled_standardization, site_moments, site_newton_terms)
 from common.federation.settings import FederationSettings
+from fake_grid import PushPullGrid
 
 # Typical marker scales (log mL, HU, HU, ratio, fraction, ratio, count), so standardisation matters.
 CENTRE = np.array([2.3, 58.0, 10.0, 0.18, 0.1, 0.7, 1.0])
@@ -89,7 +90,7 @@ def test_the_scoring_bound_counts_the_two_baseline_arms_once():
 # A study's classifier phase on the tiny cohort, through hemex's own ClientApp
 
 
-class AppGrid:
+class AppGrid(PushPullGrid):
     """A stand-in Grid delivering each message to hemex's real ClientApp, one node per centre
     (partition order), each with its own persistent context state."""
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from common.errors import ConfigError
 from common.federation.records import PrivacyViolation, check_reply, norm_keys
 from common.federation.settings import FederationSettings
+from fake_grid import PushPullGrid
 from server.grid import StageGrid
 
 CENTERS = ("center1", "center2", "center3", "center4", "center5")
@@ -102,7 +103,7 @@ def test_fedbn_keeps_exactly_the_normalisation_layers_local():
     assert not any(k.endswith("conv.weight") for k in keys)
 
 
-class RecordingGrid:
+class RecordingGrid(PushPullGrid):
     """A stand-in Grid that answers every message with an empty metric reply."""
 
     def __init__(self):
@@ -112,8 +113,9 @@ class RecordingGrid:
         return [1, 2, 3, 4, 5]
 
     def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
         self.sent.extend(messages)
-        return []
+        return [Message(RecordDict({}), reply_to=m) for m in messages]
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 
 from common.federation.records import PrivacyViolation, check_reply, weights_problem
+from fake_grid import PushPullGrid
 from server.guard import GuardedStrategy, RunFailed, cap_weights, train_reply_problem
 
 GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32), "steps": np.array(5, np.int64)}
@@ -30,7 +31,7 @@ def honest(delta: float, n: int = 10):
     return train
 
 
-class Sites:
+class Sites(PushPullGrid):
     """A stand-in Grid: node i is centre `c{i}`; each site's function answers its train
     messages (None: an error reply); evaluate messages get a plain metric reply."""
 
@@ -216,7 +217,7 @@ def test_too_many_failed_rounds_stop_the_run_with_a_one_line_reason():
 # The coordinator's run (server/run.py) over stand-in sites: quorum, bundle, missing centres
 
 
-class SiteGrid:
+class SiteGrid(PushPullGrid):
     """A stand-in Grid for FederatedRun: node i is centre `names[i-1]` with 10 cases; `train`
     answers its train.seg messages (None: an error reply)."""
 

@@ -59,6 +59,11 @@ class FederationSettings:
     synthesis: str = "1:2"
     arms: tuple[str, ...] = ("federated",)
     round_timeout_s: float = 3600.0
+    # A connected but silent site (hung, stopped) is dropped from a round once half of the sites have
+    # answered in t seconds and straggler-factor x t + straggler-grace-s have passed (server/grid.py);
+    # 0 waits for round-timeout-s. Generous: a site with a slower CPU or more cases is not a straggler.
+    straggler_factor: float = 4.0
+    straggler_grace_s: float = 120.0
     # Reply validation (server/guard.py): a round needs this many valid training replies (capped
     # at the number of training centres), the run stops after more failed rounds than allowed,
     # and a site's example-count weight is capped at this multiple of the median site's.
@@ -107,6 +112,8 @@ class FederationSettings:
             raise ConfigError("dp-sgd-noise-multiplier with proximal-mu: DP-SGD has no proximal term; use fedavg")
         if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
             raise ConfigError("round-timeout-s and node-wait-s must be > 0")
+        if self.straggler_factor != 0 and self.straggler_factor < 1 or self.straggler_grace_s < 0:
+            raise ConfigError("straggler-factor must be 0 (off) or >= 1, and straggler-grace-s >= 0")
         if self.min_valid_replies < 1 or self.max_failed_rounds < 0 or self.max_weight_ratio < 1:
             raise ConfigError("min-valid-replies must be >= 1, max-failed-rounds >= 0 and max-weight-ratio >= 1")
         if self.min_aggregate_cases < 1 or self.max_cls_scorings < 1:
