@@ -65,6 +65,8 @@ def check_outputs(out: Path, source: sitk.Image, bundle, marker_volume: bool = T
         # The markers the classifier used, measured on the same predicted hematoma.
         if marker_volume:
             assert result["markers"]["volume_ml"] == pytest.approx(result["volume_ml"], rel=0.02, abs=1e-3)
+        # The slices the classifier scored (its Grad-CAM maps are in report.png): real axial slices.
+        assert result["classifier_slices"] and all(0 <= z < source.GetSize()[2] for z in result["classifier_slices"])
     assert (out / "report.png").stat().st_size > 1000
     assert set(result["timing"]) >= {"load_s", "segment_s", "classify_s", "write_s"}
     return result
@@ -313,3 +315,22 @@ def test_write_manifest_lists_every_file(copy_bundle):
     assert manifest["preprocessing"]["windows"]  # taken from the classifier record
     loaded = load_bundle(copy_bundle)
     assert loaded.version == "v-test" and loaded.manifest["provenance"]["centers"] == ["center1", "center2"]
+
+
+def test_a_found_hematoma_is_classified_with_the_slices_and_maps_of_where_the_classifier_looked(bundle, tmp_path,
+                                                                                              monkeypatch):
+    import common.training.inference as inference
+
+    def dense_blob(model, image, roi_size, *, hu, **kwargs):  # a segmentation that finds the blob
+        mask = ((hu > 50) & (hu < 90)).astype(np.uint8)
+        return mask, mask.astype(np.float32)
+
+    monkeypatch.setattr(inference, "segment", dense_blob)
+    source = head_ct()
+    io.write_image(source, tmp_path / "ct.nii.gz")
+    result = predict_case(bundle, tmp_path / "ct.nii.gz", tmp_path / "out")
+    assert result["probability"] is not None and result["volume_ml"] > 0
+    # The blob spans slices 3-5 of 8 (identity direction: canonical order is the stored order).
+    assert result["classifier_slices"] and set(result["classifier_slices"]) <= {3, 4, 5}
+    assert not any("attention" in w for w in result["warnings"])
+    check_outputs(tmp_path / "out", source, bundle)

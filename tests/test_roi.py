@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.preprocess import Geometry, Sample, window_channels
+from common.data.preprocess import DEFAULT_WINDOWS, Geometry, Sample
 from common.data.roi import extract_rois, hematoma_slices
 from common.errors import DataError
 
@@ -13,7 +13,7 @@ from common.errors import DataError
 def make_sample(mask: np.ndarray, spacing=(0.5, 0.5, 5.0), origin=(-40.0, -30.0, 0.0)) -> Sample:
     hu = np.where(mask > 0, 65.0, 30.0).astype(np.float32)
     geometry = Geometry(mask.shape[::-1], spacing, origin, tuple(np.eye(3).ravel()))
-    return Sample("c1", "A", window_channels(hu), hu, mask.astype(np.uint8), spacing, geometry, geometry, 1)
+    return Sample("c1", "A", DEFAULT_WINDOWS, hu, mask.astype(np.uint8), spacing, geometry, geometry, 1)
 
 
 def test_largest_slices_first():

@@ -17,7 +17,7 @@ import torch
 
 from common.cli import main as hemex
 from common.config import load_profile
-from common.data.preprocess import AIR_HU, Geometry, Sample, window_channels
+from common.data.preprocess import AIR_HU, DEFAULT_WINDOWS, Geometry, Sample
 from common.errors import ConfigError, DataError
 from common.networks import create_model
 from common.training import (
@@ -68,7 +68,7 @@ def blob_sample(case_id: str, seed: int, shape=(12, 40, 40), center="synthetic")
     ref = sitk.GetImageFromArray(hu)
     ref.SetSpacing((2.0, 2.0, 5.0))
     geometry = Geometry.of(ref)
-    return Sample(case_id, center, window_channels(hu), hu, blob.astype(np.uint8), (2.0, 2.0, 5.0), geometry,
+    return Sample(case_id, center, DEFAULT_WINDOWS, hu, blob.astype(np.uint8), (2.0, 2.0, 5.0), geometry,
                   geometry)
 
 
@@ -115,7 +115,7 @@ def test_patch_sampler_centres_hard_negatives_on_blood_dense_tissue_outside_the_
         hu = sample.hu.copy()
         hu[:, 5, 8:30] = 58.0  # a dense strand (falx-like) away from the blob
         hu[sample.mask > 0] = 65.0
-        samples.append(dataclasses.replace(sample, hu=hu, image=window_channels(hu)))
+        samples.append(dataclasses.replace(sample, hu=hu))
     sampler = PatchSampler(samples, (4, 8, 8), 0.0, np.random.default_rng(0), hard_negative_fraction=1.0)
     for _ in range(40):
         hu, label = sampler.draw()
@@ -293,7 +293,7 @@ def test_bad_inputs_get_clear_errors(image, message):
 
 def test_training_checks_its_samples(blobs):
     broken = blob_sample("bad", 0)
-    broken.image[0, 0, 0, 0] = np.inf
+    broken.hu[0, 0, 0] = np.inf
     with pytest.raises(DataError, match="synthetic/bad: volume holds NaN"):
         train_segmentation(tiny_model(), [broken], epochs=1, steps_per_epoch=1, patch_size=PATCH)
     assert check_volume(blobs[0].image, 3) is None

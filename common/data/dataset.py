@@ -49,7 +49,6 @@ class SampleCache:
         key = (case.center, case.case_id)
         if key not in self._samples:
             sample = load_case(case, self.spacing, self.windows)
-            sample.meta["windows"] = self.windows  # training re-windows augmented HU with the same windows
             if case.mask_path is not None:
                 # The stored mask's own volume: the reference for volume errors, free of the
                 # resampling error of the working-grid mask.

@@ -3,8 +3,9 @@
 Per case, in OUT_DIR:
     mask.nii.gz   hematoma mask (uint8) on the ORIGINAL image grid (size, spacing, origin and
                   direction of the input), written atomically
-    result.json   volume_ml, probability, band, threshold, model_version, warnings, timing
-    report.png    up to 4 axial slices through the hematoma (brain window, mask outlined)
+    result.json   volume_ml, probability, band, threshold, classifier_slices, model_version, warnings, timing
+    report.png    up to 4 axial slices through the hematoma (brain window, mask outlined), and the
+                  classifier's ROI slices with its Grad-CAM map (where it looked)
 
 Pipeline: read -> canonical orientation (LPS) -> working spacing of the bundle -> sliding-window
 segmentation -> mask mapped onto the scan's own pixels (interpolated probability) -> boundary redrawn
@@ -47,7 +48,7 @@ from common.data.contract import IMAGE_SUFFIXES
 from common.data.dicom_study import count_studies
 from common.data.io import read_ct, write_image
 from common.data.plausibility import anatomy_problems, coverage_problems, hu_problems
-from common.data.preprocess import Geometry, Sample, resample_sample, to_canonical, to_original_grid
+from common.data.preprocess import DEFAULT_WINDOWS, Geometry, Sample, resample_sample, to_canonical, to_original_grid
 from common.errors import DataError, HemexError
 from common.inference.bundle import Bundle
 from common.files import write_json
@@ -82,14 +83,13 @@ def case_name(path: Path) -> str:
 
 
 def load_input(path: Path, case_id: str, notes: list[str] | None = None) -> tuple[sitk.Image, Sample]:
-    """(original image, native-spacing sample in canonical orientation; no window channels:
-    the working grids compute their own). What reading corrected is appended to `notes`."""
+    """(original image, native-spacing sample in canonical orientation; the working grids made
+    from it carry the bundle's HU windows). What reading corrected is appended to `notes`."""
     image = read_ct(path, notes)
     original = Geometry.of(image)
     canonical = to_canonical(image)
     hu = sitk.GetArrayFromImage(canonical).astype(np.float32)
-    sample = Sample(case_id, "predict", np.empty((0, *hu.shape), np.float32),
-                    hu, None, tuple(canonical.GetSpacing()), original, Geometry.of(canonical))
+    sample = Sample(case_id, "predict", DEFAULT_WINDOWS, hu, None, tuple(canonical.GetSpacing()), original, Geometry.of(canonical))
     return image, sample
 
 
@@ -120,7 +120,10 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
 
     from common.data.roi import extract_rois
     from common.metrics.markers import marker_features, marker_vector
+    from common.inference.saliency import gradcam_maps
+    from common.networks.vit import marker_inputs
     from common.training.classification.prediction import case_logits
+    from common.training.classification.rois import roi_array, slice_markers
     from common.training.inference import mask_on_grid, segment
     from common.training.postprocess import implausible_mask, refine_boundary
 
@@ -158,7 +161,7 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     if threshold is None:
         threshold = DEFAULT_THRESHOLD
         warnings.append(f"bundle has no operating threshold; using {DEFAULT_THRESHOLD}")
-    probability, markers = None, None
+    probability, markers, attention = None, None, []
     if not mask_native.any():
         warnings.append(NO_HEMATOMA)
     else:
@@ -176,6 +179,15 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
             with torch.no_grad():
                 logit = case_logits(bundle.classifier, [rois], settings)[0]
             probability = float(bundle.calibration(logit))
+            # Where the classifier looked, on each distinct ROI slice (ROIs repeat slices of a thin hematoma).
+            first = [i for i, z in enumerate(rois.slices) if z not in rois.slices[:i]]
+            rows = slice_markers([rois], marker_inputs(bundle.classifier))
+            try:
+                maps = gradcam_maps(bundle.classifier, roi_array(rois, settings.mask_channel)[first],
+                                    None if rows is None else rows[first])
+                attention = [(int(rois.slices[i]), rois.images[i, 0], rois.masks[i], heat) for i, heat in zip(first, maps)]
+            except ValueError as err:  # a classifier that is not a ViT (a timm model by name)
+                warnings.append(f"no attention map: {err}")
         else:
             warnings.append(NO_HEMATOMA)
     timing["classify_s"] = time.perf_counter() - t
@@ -191,6 +203,8 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
               "markers": None if markers is None else {k: round(float(v), 4) if math.isfinite(v) else None
                                                        for k, v in markers.items()},
               "band": risk_band(probability, threshold), "threshold": threshold,
+              # Axial slices (canonical order, as report.png numbers them) whose ROIs the classifier scored.
+              "classifier_slices": sorted({z for z, *_ in attention}) if attention else None,
               "band_margin": BAND_MARGIN, "model_version": bundle.version, "warnings": warnings,
               "input_geometry": {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
                                  "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())},
@@ -204,7 +218,8 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
         result["outputs"]["dicom_seg"] = "mask.seg.dcm"
     write_report(native.hu, mask_native, native.spacing, out_dir / "report.png",
                  title=f"{result['case']}: hematoma {volume:.1f} mL, HE probability "
-                       + ("n/a" if probability is None else f"{probability:.2f} ({result['band']})"))
+                       + ("n/a" if probability is None else f"{probability:.2f} ({result['band']})"),
+                 attention=attention)
     timing["write_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - started
     result["timing"] = {k: round(v, 3) for k, v in timing.items()}
@@ -222,22 +237,35 @@ def report_slices(mask: np.ndarray, n: int = 4) -> list[int]:
     return sorted({int(candidates[i]) for i in picks})
 
 
-def write_report(hu: np.ndarray, mask: np.ndarray, spacing, path: Path, title: str) -> Path:
+def write_report(hu: np.ndarray, mask: np.ndarray, spacing, path: Path, title: str,
+                 attention: list | None = None) -> Path:
     """Axial slices (canonical grid: anterior up, patient right on the left) in a brain window
-    (level 40, width 80 HU) with the mask outlined in red."""
+    (level 40, width 80 HU) with the mask outlined in red; with `attention` ((slice, ROI brain
+    window, ROI mask, map) per classifier slice), a second row: each ROI with the classifier's
+    Grad-CAM map over it (`common.inference.saliency`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     slices = report_slices(mask)
-    fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.6), squeeze=False)
+    attention = attention or []
+    columns = max(len(slices), len(attention), 1)
+    fig, axes = plt.subplots(1 + bool(attention), columns, figsize=(3.2 * columns, 3.6 * (1 + bool(attention))),
+                             squeeze=False)
     aspect = float(spacing[1]) / float(spacing[0])
     for ax, z in zip(axes[0], slices):
         ax.imshow(hu[z], cmap="gray", vmin=0, vmax=80, aspect=aspect, interpolation="nearest")
         if mask[z].any():
             ax.contour(mask[z].astype(float), levels=[0.5], colors="red", linewidths=1.0)
         ax.set_title(f"slice {z}", fontsize=8)
+    for ax, (z, roi, roi_mask, heat) in zip(axes[-1] if attention else [], attention):
+        ax.imshow(roi, cmap="gray", vmin=0, vmax=1, interpolation="nearest")  # the ROI's brain window
+        ax.imshow(heat, cmap="jet", alpha=0.35, vmin=0, vmax=1, interpolation="bilinear")
+        if roi_mask.any():
+            ax.contour(roi_mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_title(f"slice {z}: where the classifier looked", fontsize=8)
+    for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data.preprocess import DEFAULT_WINDOWS, Sample, window_channels
+from common.data.preprocess import Sample
+from common.errors import DataError
 from common.files import cpu_state, seed_everything
 from common.metrics.segmentation import segmentation_metrics
 from common.networks import as_output_list
@@ -85,21 +86,15 @@ def validation_dice(model: nn.Module, samples: list[Sample], roi_size, *, overla
 
 
 def sample_windows(samples: list[Sample]) -> tuple:
-    """The HU windows the samples' image channels were made with.
+    """The HU windows of the samples' image channels (one set for all of them).
 
     Training draws HU patches, augments them and windows them again, so the windows must be
-    the ones inference will see in `Sample.image`. SampleCache records them in `meta`;
-    other samples are checked against the default windows on one slice.
+    the ones inference will see in `Sample.image`.
     """
-    recorded = {tuple(map(tuple, s.meta["windows"])) for s in samples if "windows" in s.meta}
-    if len(recorded) > 1:
-        raise ValueError(f"samples were preprocessed with different HU windows: {sorted(recorded)}")
-    windows = recorded.pop() if recorded else tuple(DEFAULT_WINDOWS)
-    probe = samples[0]
-    if not np.allclose(window_channels(probe.hu[:1], windows), probe.image[:, :1], atol=1e-4):
-        raise ValueError(f"{probe.center}/{probe.case_id}: image channels are not the HU windows {windows}; "
-                         "record the windows in Sample.meta['windows']")
-    return windows
+    windows = {tuple(map(tuple, s.windows)) for s in samples}
+    if len(windows) > 1:
+        raise ValueError(f"samples were preprocessed with different HU windows: {sorted(windows)}")
+    return windows.pop()
 
 
 def train_segmentation(
@@ -171,9 +166,12 @@ def train_segmentation(
         raise ValueError(f"patch size {patch_size} must be a multiple of the model's {tuple(multiple)} per axis")
     if not train_samples:
         raise ValueError("no training samples")
-    in_channels = getattr(model, "in_channels", train_samples[0].image.shape[0])
+    in_channels = getattr(model, "in_channels", len(train_samples[0].windows))
     for sample in list(train_samples) + list(val_samples or []):
-        check_volume(sample.image, in_channels, f"{sample.center}/{sample.case_id}")
+        name = f"{sample.center}/{sample.case_id}"
+        check_volume(sample.hu[None], 1, name)  # finite HU: windows would clip an infinite value to 1
+        if len(sample.windows) != in_channels:
+            raise DataError(name, f"expected {in_channels} channels (one per HU window), got {len(sample.windows)}")
     windows = sample_windows(train_samples)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
