@@ -54,6 +54,27 @@ def train_reply_problem(content: RecordDict, reference: ArrayRecord, declared_ca
     return None
 
 
+def metrics_reply_problem(content: RecordDict, declared_cases: int | None) -> str | None:
+    """Why an evaluation or query reply's metrics must not be used, or None. Such a reply carries
+    metrics only: no arrays, scalar numbers (NaN says "undefined", e.g. an AUC with one class; an
+    infinite value is refused), and a `num-examples` that is an integer in 0..the declared cases."""
+    if len(content.array_records):
+        return f"reply holds {len(content.array_records)} array record(s); an evaluation sends metrics only"
+    for record in content.metric_records.values():
+        for key, value in record.items():
+            if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"metric {key!r} is not a scalar number"
+            if math.isinf(value):
+                return f"metric {key!r} is infinite"
+        n = record.get(WEIGHT_KEY)
+        if n is not None:
+            if math.isnan(n) or not float(n).is_integer() or n < 0:
+                return f"{WEIGHT_KEY} {n!r} is not a count"
+            if declared_cases is not None and n > declared_cases:
+                return f"{WEIGHT_KEY} {int(n)} exceeds the {declared_cases} case(s) the site declared"
+    return None
+
+
 def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     """The aggregate in the reference's key order and dtypes (averaging turns int buffers into
     floats, which the next round's reply check would then refuse)."""

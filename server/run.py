@@ -27,7 +27,7 @@ from common.training.settings import SegmentationSettings
 from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings
 from server.grid import Deadlines, StageGrid, collect_replies, error_summary
-from server.guard import GuardedStrategy, RunFailed, train_reply_problem
+from server.guard import GuardedStrategy, RunFailed, metrics_reply_problem, train_reply_problem
 from server.strategies import build_strategy
 
 NOT_EVALUATED = "not evaluated: no node answered for this centre at start-up"
@@ -410,8 +410,13 @@ class FederatedRun:
                                  for c, n in nodes.items()})
         results = {}
         for center, reply in replies.items():
+            problem = None if isinstance(reply, str) else metrics_reply_problem(reply.content,
+                                                                                self.declared_cases.get(center))
             if isinstance(reply, str):
                 results[center] = {"error": reply}
+            elif problem:
+                results[center] = {"error": f"reply refused: {problem}"}
+                self.log(f"{message_type}: {center}'s reply refused: {problem}")
             elif per_arm:
                 results[center] = {**dict(reply.content.metric_records.get("metrics", {})),
                                    "arms": {k[len("arm."):]: dict(r) for k, r in reply.content.metric_records.items()

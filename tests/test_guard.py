@@ -295,6 +295,25 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
         federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01), seg_rounds=1).execute()
 
 
+class LyingEvaluator(SiteGrid):
+    """h4 (held out) claims a billion evaluated cases and an infinite Dice."""
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            if self.nodes[reply.metadata.src_node_id] == "h4" and reply.metadata.message_type.startswith("evaluate"):
+                reply.content["metrics"] = MetricRecord({"num-examples": 10**9, "dice": float("inf")})
+        return replies
+
+
+def test_a_lying_evaluation_reply_is_refused_and_the_run_goes_on(tmp_path):
+    report = federated_run(tmp_path, LyingEvaluator(["h1", "h2", "h3", "h4"], train=lambda center: 0.01),
+                           seg_rounds=1).execute()
+    final = report["stages"]["seg"]["final"]
+    assert final["h4"]["error"].startswith("reply refused: ") and "dice" not in final["h4"]
+    assert final["h1"]["dice"] == 0.5 and (tmp_path / "run" / "model" / "segmentation").is_dir()
+
+
 # ------------------------------------------------------------------------------------------
 # Robust aggregation at 3-5 sites with planted outliers
 
@@ -429,3 +448,19 @@ def test_a_resume_under_other_settings_is_refused_naming_the_keys(tmp_path):
     path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("fingerprint", "settings")}))
     with pytest.raises(ConfigError, match="it has no settings fingerprint; resume = false"):
         federated_run(tmp_path, grid(), seg_rounds=1, seed=1).execute()
+
+
+@pytest.mark.parametrize("content, reason", [
+    (RecordDict({"metrics": MetricRecord({"num-examples": 5, "dice": 0.8, "auc": float("nan")})}), None),
+    (RecordDict({"metrics": MetricRecord({"num-examples": 5, "dice": float("inf")})}), "'dice' is infinite"),
+    (RecordDict({"metrics": MetricRecord({"num-examples": 11, "dice": 0.5})}), "exceeds the 10 case(s)"),
+    (RecordDict({"metrics": MetricRecord({"num-examples": 2.5})}), "is not a count"),
+    (RecordDict({"metrics": MetricRecord({"num-examples": 5, "dice": [0.1, 0.9, 0.4]})}), "not a scalar"),
+    (RecordDict({"metrics": MetricRecord({"num-examples": 5}),
+                 "arrays": ArrayRecord([np.zeros((32, 64, 64), np.float32)])}), "metrics only"),
+])
+def test_evaluation_replies_are_validated_before_use(content, reason):
+    from server.guard import metrics_reply_problem
+
+    problem = metrics_reply_problem(content, declared_cases=10)
+    assert (problem is None) if reason is None else (reason in problem)
