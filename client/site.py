@@ -42,7 +42,9 @@ class Site:
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
         preprocess = self.profile["preprocess"]
-        self.cache = SampleCache(preprocess["spacing"], preprocess["windows"])
+        # Preprocessed scans on the site's own disk too: a deployed SuperNode starts a fresh process
+        # per message, and a simulated site's messages move between processes.
+        self.cache = SampleCache(preprocess["spacing"], preprocess["windows"], disk=self.cache_dir / "samples")
         self.cases: list[Case] = ([case for path in pooled_paths for case in read_center(Path(path))] if pooled_paths
                                   else read_center(self.data_path))
         labelled, self.skipped = with_masks(self.cases, "segmentation")

@@ -4,11 +4,21 @@ Training touches every training case many times (random patches) and evaluation 
 re-reading and resampling a scan costs far more than a training step, so a run keeps its
 `Sample`s here. Cases that cannot serve segmentation (no mask) are reported, never dropped
 silently.
+
+A site also keeps them on its own disk (`SampleCache(..., disk=folder)`): a deployed SuperNode
+starts a fresh process for every message, and a simulated site's work moves between processes, so
+without it every round re-reads and resamples every scan. A cached case is keyed by its files
+(names, sizes, modification times), its labels, the working spacing and the loader's format, so an
+edited scan or cases.csv row is read again; an unreadable cache file is treated as absent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -16,7 +26,10 @@ import SimpleITK as sitk
 
 from common.data.contract import Case
 from common.data.io import read_mask
-from common.data.preprocess import DEFAULT_WINDOWS, Sample, load_case
+from common.data.preprocess import DEFAULT_WINDOWS, Geometry, Sample, load_case
+from common.files import write_npz
+
+SAMPLE_FORMAT = 1  # bump when load_case's output changes: older cache files are then ignored
 
 
 @dataclass(frozen=True)
@@ -37,9 +50,10 @@ class SkippedCase:
 class SampleCache:
     """Preprocessed samples keyed by (centre, case id), loaded on first request."""
 
-    def __init__(self, spacing, windows=DEFAULT_WINDOWS):
+    def __init__(self, spacing, windows=DEFAULT_WINDOWS, disk: Path | None = None):
         self.spacing = tuple(float(s) for s in spacing)
         self.windows = tuple(tuple(float(v) for v in w) for w in windows)
+        self.disk = Path(disk) if disk is not None else None
         self._samples: dict[tuple[str, str], Sample] = {}
 
     def __len__(self) -> int:
@@ -48,13 +62,34 @@ class SampleCache:
     def get(self, case: Case) -> Sample:
         key = (case.center, case.case_id)
         if key not in self._samples:
-            sample = load_case(case, self.spacing, self.windows)
-            if case.mask_path is not None:
-                # The stored mask's own volume: the reference for volume errors, free of the
-                # resampling error of the working-grid mask.
-                sample.meta["mask_volume_original_ml"] = stored_mask_volume_ml(case)
+            path = self.disk / f"{case.center}-{case.case_id}-{self.digest(case)[:20]}.npz" if self.disk else None
+            sample = read_cached(path, case, self.windows) if path is not None else None
+            if sample is None:
+                sample = load_case(case, self.spacing, self.windows)
+                if case.mask_path is not None:
+                    # The stored mask's own volume: the reference for volume errors, free of the
+                    # resampling error of the working-grid mask.
+                    sample.meta["mask_volume_original_ml"] = stored_mask_volume_ml(case)
+                if path is not None:
+                    write_cached(path, sample)
             self._samples[key] = sample
         return self._samples[key]
+
+    def digest(self, case: Case) -> str:
+        """What the preprocessed case depends on: its files, its labels, the spacing, the loader."""
+        h = hashlib.sha256(json.dumps([SAMPLE_FORMAT, list(self.spacing), case.center, case.case_id, case.he,
+                                       case.onset_to_ct_h]).encode())
+        for source in (case.image_path, case.mask_path):
+            if source is None:
+                h.update(b"none;")
+                continue
+            source = Path(source)
+            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+            for file in files:
+                stat = file.stat()
+                h.update(f"{file.relative_to(source) if source.is_dir() else file.name}|{stat.st_size}|"
+                         f"{stat.st_mtime_ns};".encode())
+        return h.hexdigest()
 
     def load(self, cases: Iterable[Case], progress: Callable[[int, int], None] | None = None) -> list[Sample]:
         cases = list(cases)
@@ -64,6 +99,39 @@ class SampleCache:
             if progress is not None:
                 progress(done, len(cases))
         return samples
+
+
+def write_cached(path: Path, sample: Sample) -> None:
+    meta = {"spacing": list(sample.spacing), "original": _geometry(sample.original),
+            "working": _geometry(sample.working), "meta": sample.meta}
+    arrays = {"hu": sample.hu} if sample.mask is None else {"hu": sample.hu, "mask": sample.mask}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_npz(path, meta, **arrays)
+
+
+def read_cached(path: Path, case: Case, windows) -> Sample | None:
+    """The cached sample at `path`, or None when there is none or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            hu = data["hu"].astype(np.float32, copy=False)
+            mask = data["mask"] if "mask" in data else None
+        return Sample(case.case_id, case.center, windows, hu, mask, tuple(meta["spacing"]),
+                      Geometry(**_tuples(meta["original"])), Geometry(**_tuples(meta["working"])), case.he,
+                      meta["meta"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def _geometry(geometry: Geometry) -> dict:
+    return {"size": list(geometry.size), "spacing": list(geometry.spacing), "origin": list(geometry.origin),
+            "direction": list(geometry.direction)}
+
+
+def _tuples(record: dict) -> dict:
+    return {k: tuple(v) for k, v in record.items()}
 
 
 def stored_mask_volume_ml(case: Case) -> float:
