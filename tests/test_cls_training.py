@@ -227,10 +227,8 @@ aux_weight = 1.0
 
 
 @pytest.mark.slow
-def test_train_cls_end_to_end_on_the_tiny_cohort(tmp_path):
-    data = tmp_path / "tiny"
-    subprocess.run([sys.executable, "-m", "common.cli", "phantoms", "--cohort", "tiny", "--out", str(data),
-                    "--seed", "0"], check=True, capture_output=True)
+def test_train_cls_end_to_end_on_the_tiny_cohort(tiny_cohort, tmp_path):
+    data = tiny_cohort  # the session's tiny cohort (seed 0), read only
     profile = tmp_path / "cls-test.toml"
     profile.write_text(TEST_PROFILE, encoding="utf-8")
     out = tmp_path / "run"
