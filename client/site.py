@@ -18,8 +18,10 @@ from common.config import load_profile
 from common.data.contract import Case, read_center
 from common.data.dataset import SampleCache, split_by_center, with_masks
 from common.data.io import slice_spacing_mm
+from common.data.preprocess import DEFAULT_WINDOWS
 from common.errors import ConfigError, HemexError
 from common.federation.settings import POOLED, FederationSettings
+from common.training.classification.roi_cache import cached_reference_rois
 from common.training.classification.rois import build_roi_dataset, stratified_split
 from common.training.classification.settings import ClassifierSettings
 from common.training.settings import SegmentationSettings
@@ -74,9 +76,14 @@ class Site:
         if source not in self._rois:
             # Marker features (volume, density, shape) are the auxiliary regression targets of
             # the classifier and the baseline arms' inputs; they are computed and used here, on site.
-            dataset = build_roi_dataset(self.cases, self.cls, mask_provider=_or_reference(mask_provider),
-                                        with_markers=self.cls.aux_weight > 0 or "baselines" in self.settings.arms,
-                                        reference_markers=mask_provider is not None)
+            with_markers = self.cls.aux_weight > 0 or "baselines" in self.settings.arms
+
+            def build():
+                return build_roi_dataset(self.cases, self.cls, mask_provider=_or_reference(mask_provider),
+                                         with_markers=with_markers, reference_markers=mask_provider is not None)
+
+            dataset = (cached_reference_rois(self.cache_dir / "rois", self.cases, self.cls, DEFAULT_WINDOWS,
+                                             with_markers, build) if mask_provider is None else build())
             # Split each source centre on its own, so that the pooled node holds out exactly the
             # cases the training centres hold out.
             fit, val = [], []

@@ -58,3 +58,39 @@ def test_an_edited_scan_label_or_spacing_is_read_again_and_a_broken_cache_file_i
     for path in cache.glob("*.npz"):
         path.write_bytes(b"not an npz")
     assert np.array_equal(SampleCache((2.0, 2.0, 5.0), disk=cache).get(edited).hu, after.hu)
+
+
+def test_reference_roi_datasets_come_back_identical_and_are_rebuilt_when_a_case_changes(tiny_cohort, tmp_path):
+    from common.config import load_profile
+    from common.data.contract import read_center
+    from common.data.preprocess import DEFAULT_WINDOWS
+    from common.training.classification.roi_cache import cached_reference_rois
+    from common.training.classification.rois import build_roi_dataset
+    from common.training.classification.settings import ClassifierSettings
+
+    settings = ClassifierSettings.from_profile(load_profile("smoke"))
+    cases = read_center(tiny_cohort / "center1")
+    builds = []
+
+    def build(these=cases):
+        builds.append(1)
+        return build_roi_dataset(these, settings, with_markers=True)
+
+    first = cached_reference_rois(tmp_path, cases, settings, DEFAULT_WINDOWS, True, build)
+    again = cached_reference_rois(tmp_path, cases, settings, DEFAULT_WINDOWS, True, build)
+    assert len(builds) == 1 and len(first.cases) == len(again.cases) > 0
+    for a, b in zip(first.cases, again.cases):
+        for field in dataclasses.fields(a):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, field.name
+    assert [str(s) for s in first.excluded] == [str(s) for s in again.excluded]
+    for name, features in first.markers.items():
+        for marker, value in features.items():
+            other = again.markers[name][marker]
+            assert (value is None and other is None) or value == pytest.approx(other, nan_ok=True), (name, marker)
+    # Another label, or other ROI settings, is another dataset.
+    relabelled = [dataclasses.replace(c, he=1 - c.he) if i == 0 else c for i, c in enumerate(cases)]
+    cached_reference_rois(tmp_path, relabelled, settings, DEFAULT_WINDOWS, True, lambda: build(relabelled))
+    cached_reference_rois(tmp_path, cases, dataclasses.replace(settings, pixels=settings.pixels * 2),
+                          DEFAULT_WINDOWS, True, build)
+    assert len(builds) == 3

@@ -77,18 +77,8 @@ class SampleCache:
 
     def digest(self, case: Case) -> str:
         """What the preprocessed case depends on: its files, its labels, the spacing, the loader."""
-        h = hashlib.sha256(json.dumps([SAMPLE_FORMAT, list(self.spacing), case.center, case.case_id, case.he,
-                                       case.onset_to_ct_h]).encode())
-        for source in (case.image_path, case.mask_path):
-            if source is None:
-                h.update(b"none;")
-                continue
-            source = Path(source)
-            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-            for file in files:
-                stat = file.stat()
-                h.update(f"{file.relative_to(source) if source.is_dir() else file.name}|{stat.st_size}|"
-                         f"{stat.st_mtime_ns};".encode())
+        h = hashlib.sha256(json.dumps([SAMPLE_FORMAT, list(self.spacing)]).encode())
+        update_with_case(h, case)
         return h.hexdigest()
 
     def load(self, cases: Iterable[Case], progress: Callable[[int, int], None] | None = None) -> list[Sample]:
@@ -99,6 +89,22 @@ class SampleCache:
             if progress is not None:
                 progress(done, len(cases))
         return samples
+
+
+def update_with_case(h, case: Case) -> None:
+    """Feed `h` (a hashlib object) what a case's preprocessed forms depend on: its ids, labels and
+    files (names, sizes and modification times; every file of a DICOM folder)."""
+    h.update(json.dumps([case.center, case.case_id, case.he, case.onset_to_ct_h]).encode())
+    for source in (case.image_path, case.mask_path):
+        if source is None:
+            h.update(b"none;")
+            continue
+        source = Path(source)
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for file in files:
+            stat = file.stat()
+            h.update(f"{file.relative_to(source) if source.is_dir() else file.name}|{stat.st_size}|"
+                     f"{stat.st_mtime_ns};".encode())
 
 
 def write_cached(path: Path, sample: Sample) -> None:
