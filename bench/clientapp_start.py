@@ -6,8 +6,9 @@ paid again each time.
 
 Measured in fresh processes, in the same run: (1) importing the ClientApp (`client.app`), with the
 modules that take longest (as `python -X importtime` reports them); (2) building the site and
-loading its segmentation training cases, as a `train.seg` message does, with an empty on-disk
-sample cache (the first message) and with the cache the first one left (every later message).
+loading its segmentation training cases, as a `train.seg` message does, and cutting its classifier
+ROIs on the reference masks, as a `train.cls` message does, with empty on-disk caches (the first
+message) and with the caches the first one left (every later message).
 Prints seconds and the warm / cold ratios.
 """
 
@@ -33,7 +34,10 @@ from client.site import Site
 imported = time.perf_counter()
 site = Site({center!r}, {data!r}, FederationSettings(profile="cpu", out_dir={out!r}), cache_dir={cache!r})
 samples = site.cache.load(site.fit_cases)
-print(json.dumps({{"import_s": imported - start, "load_s": time.perf_counter() - imported, "cases": len(samples)}}))
+loaded = time.perf_counter()
+dataset, fit, val = site.roi_dataset()
+print(json.dumps({{"import_s": imported - start, "load_s": loaded - imported, "rois_s": time.perf_counter() - loaded,
+                  "cases": len(samples), "roi_cases": len(dataset.cases)}}))
 """
 
 
@@ -98,12 +102,14 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"site {args.center}, {cold['cases']} training cases, a fresh process per message:")
-    print(f"  first message (no sample cache): process {cold['process_s']:.2f} s = imports {cold['import_s']:.2f} s "
-          f"+ building the site and loading its cases {cold['load_s']:.2f} s")
-    print(f"  later messages (sample cache):   process {warm['process_s']:.2f} s = imports {warm['import_s']:.2f} s "
-          f"+ {warm['load_s']:.2f} s")
-    print(f"  loading: warm / cold = {warm['load_s'] / cold['load_s']:.3f}; process: "
-          f"{warm['process_s'] / cold['process_s']:.3f}")
+    print(f"  first message (no cache): process {cold['process_s']:.2f} s = imports {cold['import_s']:.2f} s "
+          f"+ building the site and loading its cases {cold['load_s']:.2f} s + ROIs {cold['rois_s']:.2f} s")
+    print(f"  later messages (caches):  process {warm['process_s']:.2f} s = imports {warm['import_s']:.2f} s "
+          f"+ {warm['load_s']:.2f} s + {warm['rois_s']:.2f} s")
+    print(f"  classifier ROIs of {cold['roi_cases']} labelled cases: first message {cold['rois_s']:.2f} s, later "
+          f"{warm['rois_s']:.2f} s")
+    print(f"  warm / cold: loading {warm['load_s'] / cold['load_s']:.3f}, ROIs {warm['rois_s'] / cold['rois_s']:.3f}, "
+          f"process {warm['process_s'] / cold['process_s']:.3f}")
     return 0
 
 
