@@ -115,10 +115,6 @@ class KANLinear(nn.Module):
         out = out + torch.einsum("nim,oim->no", self.basis(flat), self.spline_weight)
         return out.reshape(*lead, self.out_features)
 
-    def regularization_loss(self) -> torch.Tensor:
-        """Mean absolute spline coefficient: an L1 penalty that favours sparse, simple edges."""
-        return self.spline_weight.abs().mean()
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, grid_size={self.grid_size}, "
                 f"spline_order={self.spline_order}, grid_range={self.grid_range}")

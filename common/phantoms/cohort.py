@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.config import load_toml, resolve_config
 from common.errors import ConfigError
+from common.files import write_text
 from common.phantoms.anatomy import render_anatomy, sample_subject
 from common.phantoms.fields import rotation_matrix
 from common.phantoms.lesion import render_hematoma
@@ -228,10 +229,5 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, buffer.getvalue())
 
-
-def scanner_table(spec: CohortSpec) -> list[dict]:
-    return [{"center": c.id, **asdict(c.scanner)} for c in spec.centers]
