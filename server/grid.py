@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from flwr.app import Message
@@ -33,8 +33,8 @@ class Deadlines:
 
     `timeout_s` is the hard limit (run-config round-timeout-s). Once half of the sites (rounded up)
     have answered successfully, after `t` seconds, the call waits until `straggler_factor` x t +
-    `straggler_grace_s` seconds from its start; a site still silent then is dropped for this call (it is sent the next
-    round's message as usual, so a site that was only slow rejoins). Error replies do not start the
+    `straggler_grace_s` seconds from its start; a site still silent then is dropped for this call
+    (it is sent the next round's message as usual, so a site that was only slow rejoins). Error replies do not start the
     straggler clock: sites that fail at once say nothing about how long the work takes.
     `straggler_factor` 0 waits for the hard limit only.
     """
@@ -62,9 +62,8 @@ def collect_replies(grid: Grid, messages: list[Message], deadlines: Deadlines) -
         succeeded = sum(not m.has_error() for m in replies)
         if (pending and straggler == math.inf and deadlines.straggler_factor > 0
                 and succeeded >= math.ceil(expected / 2)):
-            waited = now - started
-            straggler = now + (deadlines.straggler_factor - 1) * waited + deadlines.straggler_grace_s
-            quorum_s = waited
+            quorum_s = now - started
+            straggler = started + deadlines.straggler_factor * quorum_s + deadlines.straggler_grace_s
         if not pending:
             break
         if now >= min(hard, straggler):
@@ -79,7 +78,7 @@ def collect_replies(grid: Grid, messages: list[Message], deadlines: Deadlines) -
 
 class StageGrid(Grid):
     def __init__(self, grid: Grid, node_centers: dict[int, str], action: str, attach: dict | None = None,
-                 deadlines: Deadlines | None = None):
+                 deadlines: Deadlines = Deadlines()):
         self.grid = grid
         self.deadlines = deadlines
         self.node_centers = dict(node_centers)
@@ -123,9 +122,7 @@ class StageGrid(Grid):
         if not routed:
             return []
         started = time.perf_counter()
-        deadlines = self.deadlines or Deadlines()
-        deadlines = Deadlines(timeout, deadlines.straggler_factor, deadlines.straggler_grace_s, deadlines.poll_s)
-        replies, cut_short = collect_replies(self.grid, routed, deadlines)
+        replies, cut_short = collect_replies(self.grid, routed, replace(self.deadlines, timeout_s=timeout))
         self._record(routed, replies, time.perf_counter() - started, cut_short)
         return replies
 

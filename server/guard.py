@@ -62,7 +62,7 @@ def metrics_reply_problem(content: RecordDict, declared_cases: int | None) -> st
         return f"reply holds {len(content.array_records)} array record(s); an evaluation sends metrics only"
     for record in content.metric_records.values():
         for key, value in record.items():
-            if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return f"metric {key!r} is not a scalar number"
             if math.isinf(value):
                 return f"metric {key!r} is infinite"

@@ -410,11 +410,9 @@ class FederatedRun:
                                  for c, n in nodes.items()})
         results = {}
         for center, reply in replies.items():
-            problem = None if isinstance(reply, str) else metrics_reply_problem(reply.content,
-                                                                                self.declared_cases.get(center))
             if isinstance(reply, str):
                 results[center] = {"error": reply}
-            elif problem:
+            elif problem := metrics_reply_problem(reply.content, self.declared_cases.get(center)):
                 results[center] = {"error": f"reply refused: {problem}"}
                 self.log(f"{message_type}: {center}'s reply refused: {problem}")
             elif per_arm:

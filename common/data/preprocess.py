@@ -122,9 +122,7 @@ def axis_aligned_grid(image: sitk.Image, spacing) -> sitk.Image:
 def window_channels(hu: np.ndarray, windows=DEFAULT_WINDOWS) -> np.ndarray:
     """Stack one [0, 1] channel per (level, width) HU window: (z, y, x) -> (C, z, y, x)."""
     channels = []
-    for level, width in windows:
-        if width <= 0:
-            raise ConfigError(f"HU window width must be > 0, got ({level}, {width})")
+    for level, width in _checked_windows(windows):
         scale = ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0,
                                     clip=True, dtype=np.float32)
         channels.append(np.asarray(scale(hu)))

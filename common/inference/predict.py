@@ -89,7 +89,8 @@ def load_input(path: Path, case_id: str, notes: list[str] | None = None) -> tupl
     original = Geometry.of(image)
     canonical = to_canonical(image)
     hu = sitk.GetArrayFromImage(canonical).astype(np.float32)
-    sample = Sample(case_id, "predict", DEFAULT_WINDOWS, hu, None, tuple(canonical.GetSpacing()), original, Geometry.of(canonical))
+    sample = Sample(case_id, "predict", DEFAULT_WINDOWS, hu, None, tuple(canonical.GetSpacing()), original,
+                    Geometry.of(canonical))
     return image, sample
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +25,7 @@ from common.files import write_npz
 from common.training.classification.rois import ROIDataset
 from common.training.classification.settings import ClassifierSettings
 
-ROI_FORMAT = 1  # bump when build_roi_dataset's output changes: older cache files are then ignored
+ROI_FORMAT = 2  # bump when build_roi_dataset's output changes: older cache files are then ignored
 
 
 def roi_digest(cases: Sequence[Case], settings: ClassifierSettings, windows, with_markers: bool) -> str:
@@ -55,8 +54,8 @@ def write_rois(path: Path, dataset: ROIDataset) -> None:
     rows = [{"case_id": r.case_id, "center": r.center, "slices": [int(z) for z in r.slices],
              "centre_mm": [float(v) for v in r.centre_mm], "pixel_mm": float(r.pixel_mm), "he": r.he,
              "features": r.features is not None} for r in dataset.cases]
-    meta = {"cases": rows, "markers": _plain(dataset.markers), "reference_markers": _plain(dataset.reference_markers),
-            "excluded": [s.as_dict() for s in dataset.excluded]}
+    meta = {"cases": rows, "markers": dataset.markers, "reference_markers": dataset.reference_markers,
+            "excluded": [s.as_dict() for s in dataset.excluded]}  # an undefined marker (NaN) round-trips as NaN
     arrays = {}
     for i, r in enumerate(dataset.cases):
         arrays[f"images_{i}"], arrays[f"masks_{i}"] = r.images, r.masks
@@ -76,19 +75,8 @@ def read_rois(path: Path) -> ROIDataset | None:
                               tuple(row["centre_mm"]), row["pixel_mm"], row["he"],
                               data[f"features_{i}"] if row["features"] else None)
                      for i, row in enumerate(meta["cases"])]
-        return ROIDataset(cases, _floats(meta["markers"]), [SkippedCase(**s) for s in meta["excluded"]],
-                          _floats(meta["reference_markers"]))
+        return ROIDataset(cases, meta["markers"], [SkippedCase(**s) for s in meta["excluded"]],
+                          meta["reference_markers"])
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
         return None
 
-
-def _plain(markers: dict) -> dict:
-    """Marker features as JSON: NaN (an undefined marker) as None."""
-    return {k: {name: (None if isinstance(v, float) and math.isnan(v) else v) for name, v in features.items()}
-            for k, features in markers.items()}
-
-
-def _floats(markers: dict) -> dict:
-    """Back from `_plain`: None as NaN, except onset_to_ct_h, whose None means unknown."""
-    return {k: {name: (float("nan") if v is None and name != "onset_to_ct_h" else v) for name, v in features.items()}
-            for k, features in markers.items()}
