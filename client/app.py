@@ -60,6 +60,11 @@ def reply(message: Message, content: RecordDict, model=None) -> Message:
     return Message(check_reply(content, model), reply_to=message)
 
 
+def proximal_mu(config: ConfigRecord) -> float:
+    """FedProx's proximal weight, as the strategy sends it with each training round (0 otherwise)."""
+    return float(config.get("proximal-mu", 0.0))
+
+
 def seg_model(site: Site):
     arch = architecture(site.seg.model, len(site.cache.windows) * IN_CHANNELS_PER_WINDOW, OUT_CHANNELS,
                         site.seg.model_overrides)
@@ -99,7 +104,7 @@ def train_seg(message: Message, context: Context) -> Message:
     result = train_segmentation(
         model, site.cache.load(site.fit_cases), epochs=epochs, steps_per_epoch=seg.steps_per_epoch,
         patch_size=seg.patch_size, batch_size=seg.batch_size, lr=seg.lr, seed=seed,
-        proximal_mu=settings.proximal_mu, optimizer=seg.optimizer, weight_decay=seg.weight_decay,
+        proximal_mu=proximal_mu(config), optimizer=seg.optimizer, weight_decay=seg.weight_decay,
         momentum=seg.momentum, schedule=seg.schedule,
         # Continue one learning-rate schedule across rounds rather than restarting it each round.
         schedule_offset=(server_round - 1) * epochs * seg.steps_per_epoch,
@@ -277,7 +282,7 @@ def train_cls(message: Message, context: Context) -> Message:
                    "dp-delta": dp.delta, "dp-steps": int(trained["total_steps"]), "seconds": trained["seconds"]}
     else:
         result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
-                                  extra_he_masks=extra_masks, proximal_mu=settings.proximal_mu, settings=site.cls,
+                                  extra_he_masks=extra_masks, proximal_mu=proximal_mu(config), settings=site.cls,
                                   windows=site.profile["preprocess"]["windows"], aux_targets=site.aux_targets(dataset),
                                   schedule_offset=offset, schedule_total=total)
         metrics = {"train-loss": result.metrics["train_loss"], "num-synthetic": int(result.metrics.get("num_extra", 0)),

@@ -28,9 +28,10 @@ def trim_count(n: int, fraction: float = TRIM_FRACTION) -> int:
     return max(1, int(fraction * n)) if n >= 3 else 0
 
 
-def assumed_attackers(n: int) -> int:
-    """Krum's f: at least one, and at most what its n >= 2f + 3 condition allows."""
-    return max(1, (n - 3) // 2)
+def assumed_attackers(n: int, configured: int = 0) -> int:
+    """Krum's f: `configured` when set (> 0), else at least one and at most what its n >= 2f + 3
+    condition allows."""
+    return configured if configured > 0 else max(1, (n - 3) // 2)
 
 
 def _finite_stack(layers: list[np.ndarray]) -> np.ndarray:
@@ -95,11 +96,12 @@ class _AtLeastOneAttacker:
     """Krum's number of malicious nodes set from the round's replies: at least one."""
 
     select_all_but_attackers = False
+    configured_attackers = 0  # krum-attackers; 0: from the round's reply count
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         n = sum(1 for r in replies if not r.has_error())
-        self.num_malicious_nodes = assumed_attackers(n)
+        self.num_malicious_nodes = assumed_attackers(n, self.configured_attackers)
         if self.select_all_but_attackers:
             self.num_nodes_to_select = max(1, n - self.num_malicious_nodes)
         return super().aggregate_train(server_round, replies)
@@ -133,15 +135,18 @@ def base_strategy(settings: FederationSettings, n_nodes: int):
     if name == "fedprox":
         # Flower's FedProx only forwards mu; the client adds the proximal term to its loss.
         return FedProx(proximal_mu=settings.proximal_mu, **common)
-    if name == "fedadam":
-        return FedAdam(eta=1e-2, eta_l=1e-2, **common)
+    if name == "fedadam":  # eta_l is only recorded by Flower; the sites use the profile's learning rates
+        return FedAdam(eta=settings.server_lr, eta_l=settings.server_lr, **common)
     if name == "fedmedian":
         return RobustMedian(**common)
     if name == "fedtrimmedavg":
-        return RobustTrimmedAvg(beta=TRIM_FRACTION, **common)
-    if name == "krum":
-        return RobustKrum(num_malicious_nodes=assumed_attackers(n_nodes), **common)
-    if name == "multikrum":
-        f = assumed_attackers(n_nodes)
-        return RobustMultiKrum(num_malicious_nodes=f, num_nodes_to_select=max(1, n_nodes - f), **common)
+        return RobustTrimmedAvg(beta=settings.trim_fraction, **common)
+    if name in ("krum", "multikrum"):
+        f = assumed_attackers(n_nodes, settings.krum_attackers)
+        if name == "krum":
+            strategy = RobustKrum(num_malicious_nodes=f, **common)
+        else:
+            strategy = RobustMultiKrum(num_malicious_nodes=f, num_nodes_to_select=max(1, n_nodes - f), **common)
+        strategy.configured_attackers = settings.krum_attackers
+        return strategy
     return FedAvg(**common)

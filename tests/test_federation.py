@@ -58,6 +58,8 @@ def test_settings_round_trip_through_flower_run_config():
     ({"cls-masks": "predicted"}, "cls-masks 'predicted' unknown"),
     ({"min-valid-replies": 0}, "min-valid-replies must be >= 1"),
     ({"max-weight-ratio": 0.5}, "max-weight-ratio >= 1"),
+    ({"trim-fraction": 0.5}, "trim-fraction in"),
+    ({"server-lr": 0}, "server-lr must be > 0"),
 ])
 def test_bad_settings_are_one_line_errors(config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -92,6 +94,30 @@ def test_strategies_by_name_with_optional_server_side_dp(name, expected):
                                                 dp_noise_multiplier=0.8, dp_clipping_norm=2.0), 3)
     assert type(private).__name__ == "DifferentialPrivacyServerSideFixedClipping"
     assert private.noise_multiplier == 0.8 and private.clipping_norm == 2.0
+
+
+def test_strategy_hyperparameters_reach_the_strategy_and_the_sites():
+    from flwr.app import ArrayRecord, ConfigRecord
+    from server.strategies import build_strategy
+
+    adam = build_strategy(FederationSettings(strategy="fedadam", server_lr=0.05), 3)
+    assert adam.eta == 0.05
+    assert build_strategy(FederationSettings(strategy="fedtrimmedavg", trim_fraction=0.3), 5).beta == 0.3
+    assert build_strategy(FederationSettings(strategy="krum", krum_attackers=2), 7).num_malicious_nodes == 2
+    assert build_strategy(FederationSettings(strategy="krum"), 7).num_malicious_nodes == 2  # auto: (7 - 3) // 2
+    # FedProx's mu travels in each training round's config, which is where the site reads it.
+    from client.app import proximal_mu
+
+    prox = build_strategy(FederationSettings(strategy="fedprox", proximal_mu=0.03), 2)
+    prox.min_available_nodes = prox.min_train_nodes = 1
+
+    class OneNode:
+        def get_node_ids(self):
+            return [7]
+
+    messages = prox.configure_train(1, ArrayRecord({"w": torch.ones(2)}), ConfigRecord({}), OneNode())
+    assert [proximal_mu(m.content["config"]) for m in messages] == [0.03]
+    assert proximal_mu(ConfigRecord({})) == 0.0
 
 
 def test_fedbn_keeps_exactly_the_normalisation_layers_local():

@@ -43,7 +43,12 @@ class FederationSettings:
     profile: str = "cpu"
     seed: int = 0
     strategy: str = "fedavg"
+    # Strategy hyperparameters. proximal-mu reaches the sites only through FedProx's train
+    # messages (their config's "proximal-mu"), as Flower sends it; the others stay on the server.
     proximal_mu: float = 0.0
+    server_lr: float = 0.01  # FedAdam's server learning rate (eta)
+    trim_fraction: float = 0.2  # FedTrimmedAvg: share of the sites trimmed per side (at least one from 3 sites)
+    krum_attackers: int = 0  # Krum / Multi-Krum's f; 0: as many as n >= 2f + 3 allows, at least one
     fedbn: bool = False
     dp_noise_multiplier: float = 0.0  # > 0: Flower's server-side DP (fixed clipping + Gaussian noise)
     dp_clipping_norm: float = 1.0
@@ -89,6 +94,8 @@ class FederationSettings:
             raise ConfigError(f"strategy {self.strategy!r} unknown; use one of {', '.join(STRATEGIES)}")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ConfigError("strategy 'fedprox' needs proximal-mu > 0")
+        if self.server_lr <= 0 or not 0 <= self.trim_fraction < 0.5 or self.krum_attackers < 0:
+            raise ConfigError("server-lr must be > 0, trim-fraction in [0, 0.5) and krum-attackers >= 0")
         if self.cls_masks not in CLS_MASKS:
             raise ConfigError(f"cls-masks {self.cls_masks!r} unknown; use one of {', '.join(CLS_MASKS)}")
         if self.synthesis not in RATIOS:
