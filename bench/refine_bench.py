@@ -30,8 +30,8 @@ import SimpleITK as sitk  # noqa: E402
 
 from common.data import io  # noqa: E402
 from common.data.preprocess import Geometry  # noqa: E402
-from common.training.inference import mask_on_grid  # noqa: E402
-from common.training.postprocess import refine_boundary  # noqa: E402
+from common.inference.segmentation import mask_on_grid  # noqa: E402
+from common.inference.postprocess import refine_boundary  # noqa: E402
 
 NATIVE = (0.45, 0.45, 5.0)
 WORKING = (2.0, 2.0, 5.0)

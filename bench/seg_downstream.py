@@ -22,7 +22,7 @@ from common.metrics.markers import marker_features
 from common.metrics.segmentation import overlap_metrics
 from common.training.classification.settings import ClassifierSettings
 from common.training.evaluation import delivered_mask
-from common.training.inference import segment
+from common.inference.segmentation import segment
 
 SMALL_ML = 5.0  # lesions below this are reported separately (the small-lesion Dice)
 HYPODENSE_HU = ClassifierSettings().hypodense_hu  # the classifier's marker setting

@@ -47,8 +47,8 @@ from common.training.classification.rois import key as case_key
 from common.training.classification.settings import create_model as create_classifier_model
 from common.training.classification.training import Budget, train_classifier
 from common.metrics.classification import Z95, delong_ci, delong_test
-from common.training.inference import mask_on_grid, segment
-from common.training.postprocess import refine_boundary
+from common.inference.segmentation import mask_on_grid, segment
+from common.inference.postprocess import refine_boundary
 from common.training.privacy import DPSettings, train_classifier_dp
 from common.training.segmentation import train_segmentation
 

@@ -131,7 +131,7 @@ def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_dif
 
     from common.federation.records import to_record
     from common.training.checkpoint import build_model
-    from common.training.postprocess import keep_main_lesion
+    from common.inference.postprocess import keep_main_lesion
     from server.run import FederatedRun
     from simulation.metrics import study_metrics, validate
     from simulation.report import build_markdown

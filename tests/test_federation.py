@@ -391,7 +391,7 @@ def test_held_out_site_scores_every_arm_on_the_segmentation_rois(tiny, tmp_path,
     finds nothing), every arm scored on the same cases, only aggregates and a paired test returned."""
     import client.app as client_app
     from client.site import Site
-    from common.training.postprocess import keep_main_lesion
+    from common.inference.postprocess import keep_main_lesion
 
     def blood_threshold(site, seg_weights):
         return lambda s: keep_main_lesion(((s.hu >= 50) & (s.hu <= 90)).astype(np.uint8), s.spacing, 20.0)

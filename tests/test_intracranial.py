@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.data.intracranial import intracranial_fraction, intracranial_mask
-from common.training.postprocess import implausible_mask, keep_intracranial
+from common.inference.postprocess import implausible_mask, keep_intracranial
 
 SPACING = (2.0, 2.0, 5.0)  # (x, y, z) mm: the CPU profile's working grid
 

@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.preprocess import Geometry, to_original_grid
-from common.training.inference import mask_on_grid
+from common.inference.segmentation import mask_on_grid
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # Both grids tile the same 40 x 40 x 40 mm box: a 0.5 x 0.5 x 1.25 mm scan, a 2 x 2 x 5 mm working grid.

@@ -319,7 +319,7 @@ def test_write_manifest_lists_every_file(copy_bundle):
 
 def test_a_found_hematoma_is_classified_with_the_slices_and_maps_of_where_the_classifier_looked(bundle, tmp_path,
                                                                                               monkeypatch):
-    import common.training.inference as inference
+    import common.inference.segmentation as inference
 
     def dense_blob(model, image, roi_size, *, hu, **kwargs):  # a segmentation that finds the blob
         mask = ((hu > 50) & (hu < 90)).astype(np.uint8)

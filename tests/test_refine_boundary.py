@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.training.postprocess import refine_boundary
+from common.inference.postprocess import refine_boundary
 
 SPACING = (0.5, 0.5, 5.0)  # (x, y, z) mm: a thin-pixel scan under a coarse working grid
 

@@ -35,8 +35,8 @@ from common.training.losses import DeepSupervisionDiceCE, deep_supervision_weigh
 from common.training.patches import PatchSampler
 from common.training.segmentation import uses_bf16
 from common.metrics.segmentation import segmentation_metrics
-from common.training.inference import segment
-from common.training.postprocess import keep_blood_density, keep_main_lesion
+from common.inference.segmentation import segment
+from common.inference.postprocess import keep_blood_density, keep_main_lesion
 
 # Small networks keep the fast tests fast; both take sizes divisible by 2 in z and 4 in-plane.
 TINY_UNET = dict(channels=(4, 8, 16), strides=((1, 2, 2), (2, 2, 2)), num_res_units=1)

@@ -125,8 +125,8 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     from common.networks.vit import marker_inputs
     from common.training.classification.prediction import case_logits
     from common.training.classification.rois import roi_array, slice_markers
-    from common.training.inference import mask_on_grid, segment
-    from common.training.postprocess import implausible_mask, refine_boundary
+    from common.inference.segmentation import mask_on_grid, segment
+    from common.inference.postprocess import implausible_mask, refine_boundary
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     timing, warnings = {}, []

@@ -4,14 +4,14 @@
     result = train_segmentation(model, train_samples, epochs=1, steps_per_epoch=50, patch_size=(16, 64, 64))
 
 Submodules: ``settings`` (profile [segmentation] section), ``patches`` (foreground-oversampled
-patches), ``augment``, ``losses`` (deep-supervised DiceCE, FedProx term), ``inference``
-(sliding windows), ``postprocess`` (main lesion + satellites), ``evaluation``, ``checkpoint``
-(safetensors + architecture JSON) and ``central`` (the `hemex train-seg` run).
+patches), ``augment``, ``losses`` (deep-supervised DiceCE, FedProx term), ``evaluation``, ``checkpoint``
+(safetensors + architecture JSON) and ``central`` (the `hemex train-seg` run). Whole-volume
+prediction and its post-processing live in ``common.inference``.
 """
 
 from common.training.checkpoint import architecture, build_model, load_checkpoint, save_checkpoint
 from common.training.evaluation import evaluate_segmentation
-from common.training.inference import check_volume, predict_mask, predict_probabilities
+from common.inference.segmentation import check_volume, predict_mask, predict_probabilities
 from common.training.segmentation import TrainResult, train_segmentation
 from common.training.settings import SegmentationSettings
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from common.data.preprocess import Sample
 from common.metrics.segmentation import overlap_metrics, segmentation_metrics, summarize
-from common.training.inference import mask_on_grid, segment
-from common.training.postprocess import refine_boundary
+from common.inference.segmentation import mask_on_grid, segment
+from common.inference.postprocess import refine_boundary
 
 # The per-centre summaries keep these (flags and raw volumes stay in the per-case records).
 SUMMARY_KEYS = ("dice", "iou", "hd95_mm", "abs_vol_err_ml", "rel_vol_err", "abs_vol_err_original_ml",

@@ -23,7 +23,7 @@ from common.files import cpu_state, seed_everything
 from common.metrics.segmentation import segmentation_metrics
 from common.networks import as_output_list
 from common.training.augment import augment_batch, build_augmentation, window_tensor
-from common.training.inference import check_volume, predict_mask
+from common.inference.segmentation import check_volume, predict_mask
 from common.training.losses import DeepSupervisionDiceCE, proximal_term
 from common.training.patches import PatchSampler
 from common.training.settings import OPTIMIZERS, PRECISIONS, SCHEDULES

@@ -19,7 +19,7 @@ from torch import nn
 from common.data.preprocess import Geometry, to_original_grid
 from common.errors import DataError
 from common.networks import main_output
-from common.training.postprocess import keep_blood_density, keep_intracranial, keep_main_lesion
+from common.inference.postprocess import keep_blood_density, keep_intracranial, keep_main_lesion
 
 
 def required_multiple(model: nn.Module) -> tuple[int, int, int]:
