@@ -15,14 +15,13 @@ from common.config import load_profile
 from common.errors import ConfigError
 from common.files import seed_everything, versions, write_json
 from common.federation import binned
-from common.inference.bundle import load_signing_key, preprocessing_from_profile, sign_manifest, write_manifest
+from common.inference.bundle import SEG_DIR, load_signing_key, preprocessing_from_profile, write_bundle
 from common.federation.records import WITHHELD, to_record
 from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model, save_checkpoint
 from common.training.classification.settings import ClassifierSettings
 from common.training.classification.settings import create_model as create_classifier_model
-from common.training.classification.storage import save_classifier
 from common.training.settings import SegmentationSettings
 from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings
@@ -232,10 +231,10 @@ class FederatedRun:
         trained = self.settings.seg_rounds > 0
         if not trained:
             self.log("seg-rounds is 0: the segmentation model is untrained, so no model bundle is written")
-        if trained:
-            save_checkpoint(bundle / "segmentation", seg_arrays.to_torch_state_dict(), arch,
-                            {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
-                             "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy})
+        seg_info = {"seed": self.settings.seed, "train_centers": list(self.settings.train_centers),
+                    "rounds": self.settings.seg_rounds, "strategy": self.settings.strategy}
+        if trained:  # the segmentation model alone (a run without classifier stops here); the bundle replaces it
+            save_checkpoint(bundle / SEG_DIR, seg_arrays.to_torch_state_dict(), arch, seg_info)
         self.report["model_bytes"] = {"seg": seg_arrays.count_bytes()}
         if self.settings.cls_rounds > 0 and self.settings.synthesis != "none":
             synth_started = time.time()
@@ -250,25 +249,8 @@ class FederatedRun:
             self.report["timing"]["cls_seconds"] = time.time() - cls_started
             self.report["model_bytes"]["cls"] = cls_arrays.count_bytes()
             if trained:
-                save_classifier(bundle / "classifier", cls_arrays.to_torch_state_dict(),
-                                {"settings": self.cls.as_dict(), "windows": self.profile["preprocess"]["windows"],
-                                 "calibration": {"method": "platt-binned", "a": operating_point["calib-a"],
-                                                 "b": operating_point["calib-b"], "n": operating_point["n"]},
-                                 "threshold": operating_point["threshold"],
-                                 "train_centers": list(self.settings.train_centers), "rounds": self.settings.cls_rounds,
-                                 "seed": self.settings.seed})
-                # Checksums, preprocessing and provenance: what `hemex predict` verifies and needs.
-                write_manifest(bundle, {"profile": self.profile["name"], "centers": list(self.settings.train_centers),
-                                        "held_out": list(self.settings.test_centers), "seed": self.settings.seed,
-                                        "seg_rounds": self.settings.seg_rounds, "cls_rounds": self.settings.cls_rounds,
-                                        "strategy": self.settings.strategy, "synthesis": self.settings.synthesis,
-                                        "cases": {c: info.get("num-cases") for c, info in self.report["centers"].items()
-                                                  if c in self.settings.train_centers}},
-                               preprocessing=self.bundle_preprocessing())
-                if self.settings.bundle_key:
-                    sign_manifest(bundle, Path(self.settings.bundle_key))
-                else:
-                    self.log("the model bundle is unsigned (no bundle-key): sites can check its checksums only")
+                self.write_bundle(bundle, (seg_arrays.to_torch_state_dict(), arch, seg_info), cls_arrays,
+                                  operating_point)
         self.report["timing"]["total_seconds"] = time.time() - started
         self.report["versions"] = {"hemex": __version__, **versions()}
         write_json(self.out / "federation.json", self.report)
@@ -276,6 +258,24 @@ class FederatedRun:
                                               "profile": self.profile, "segmentation": self.seg.as_dict(),
                                               "classifier": self.cls.as_dict(), "architecture": arch})
         return self.report
+
+    def write_bundle(self, bundle: Path, segmentation: tuple, cls_arrays: ArrayRecord, operating_point: dict) -> None:
+        """The model bundle `hemex predict` loads: both models, the checksummed manifest with the
+        preprocessing and provenance, signed with bundle-key when one is set."""
+        s = self.settings
+        classifier = {"settings": self.cls.as_dict(), "windows": self.profile["preprocess"]["windows"],
+                      "calibration": {"method": "platt-binned", "a": operating_point["calib-a"],
+                                      "b": operating_point["calib-b"], "n": operating_point["n"]},
+                      "threshold": operating_point["threshold"], "train_centers": list(s.train_centers),
+                      "rounds": s.cls_rounds, "seed": s.seed}
+        provenance = {"profile": self.profile["name"], "centers": list(s.train_centers), "held_out": list(s.test_centers),
+                      "seed": s.seed, "seg_rounds": s.seg_rounds, "cls_rounds": s.cls_rounds, "strategy": s.strategy,
+                      "synthesis": s.synthesis, "cases": {c: info.get("num-cases") for c, info in
+                                                          self.report["centers"].items() if c in s.train_centers}}
+        write_bundle(bundle, segmentation, (cls_arrays.to_torch_state_dict(), classifier), provenance,
+                     self.bundle_preprocessing(), Path(s.bundle_key) if s.bundle_key else None)
+        if not s.bundle_key:
+            self.log("the model bundle is unsigned (no bundle-key): sites can check its checksums only")
 
     def bundle_preprocessing(self) -> dict:
         """The profile's preprocessing record, plus the training sites' slice-spacing range

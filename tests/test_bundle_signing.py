@@ -143,3 +143,23 @@ def test_a_bad_bundle_key_stops_the_run_before_any_site_is_contacted(tmp_path):
     with pytest.raises(ConfigError, match=r"missing.key: cannot read key file"):
         federated_run(tmp_path, grid, seg_rounds=1, bundle_key=str(tmp_path / "missing.key")).execute()
     assert grid.sent == []
+
+
+def test_a_bundle_is_written_whole_or_not_at_all(signed, pki, tmp_path):
+    """write_bundle stages the folder and moves it into place: a failure (here an unreadable
+    signing key) leaves the previous bundle as it was and no staging folder behind."""
+    from common.inference.bundle import write_bundle
+
+    before = {p.relative_to(signed).as_posix(): sha256_file(p) for p in signed.rglob("*") if p.is_file()}
+    bundle = load_bundle(signed)
+    seg = (bundle.seg_model.state_dict(), bundle.seg_record["architecture"], {"seed": 1})
+    cls = (bundle.classifier.state_dict(), {k: v for k, v in bundle.cls_record.items() if k not in ("format", "weights")})
+    with pytest.raises(ConfigError):
+        write_bundle(signed, seg, cls, {"profile": "smoke"}, signing_key=tmp_path / "no-such.key")
+    after = {p.relative_to(signed).as_posix(): sha256_file(p) for p in signed.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in signed.parent.iterdir() if p.name.startswith(".")] == []
+    # A successful write replaces the bundle: signed with the new key, loadable with it.
+    write_bundle(signed, seg, cls, {"profile": "smoke", "seed": 1}, signing_key=pki.bundle_key)
+    again = load_bundle(signed, trusted_key=pki.bundle_pub)
+    assert again.manifest["provenance"]["seed"] == 1 and again.seg_record["seed"] == 1
+    assert [p.name for p in signed.parent.iterdir() if p.name.startswith(".")] == []

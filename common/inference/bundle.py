@@ -4,6 +4,8 @@
     BUNDLE/classifier/classifier.safetensors, classifier.json  (common.training.classification.storage)
     BUNDLE/manifest.json                                        (this module)
 
+`write_bundle` is the one writer of this layout (server/run.py and the untrained test bundle).
+
 manifest.json = {"format": "hemex-bundle/1", "files": {relative path: sha256}, "preprocessing":
 {spacing, windows, roi_size, sw_overlap, sw_batch_size[, slice_thickness_mm]}, "provenance": {...},
 "model_version": ...}. The segmentation record does not hold the working spacing or the
@@ -302,6 +304,41 @@ def load_bundle(path: Path, device="cpu", trusted_key: Path | None = None) -> Bu
     return Bundle(path, manifest, seg_model, seg_record, classifier, cls_settings, calibration, cls_record, pre)
 
 
+def write_bundle(bundle_dir: Path, segmentation: tuple[dict, dict, dict], classifier: tuple[dict, dict],
+                 provenance: dict, preprocessing: dict | None = None, signing_key: Path | None = None) -> Path:
+    """The one writer of the bundle layout: the segmentation checkpoint (state, architecture,
+    info), the classifier (state, record), the manifest and, with `signing_key`, its signature.
+    Written into a hidden folder beside `bundle_dir` and moved into place whole, so a reader
+    never sees a bundle whose files and manifest disagree; a previous bundle there is replaced."""
+    import shutil
+    import tempfile
+
+    from common.training.checkpoint import save_checkpoint
+    from common.training.classification.storage import save_classifier
+
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}."))
+    try:
+        seg_state, arch, seg_info = segmentation
+        save_checkpoint(staging / SEG_DIR, seg_state, arch, seg_info)
+        save_classifier(staging / CLS_DIR, *classifier)
+        write_manifest(staging, provenance, preprocessing)
+        if signing_key is not None:
+            sign_manifest(staging, Path(signing_key))
+        old = None
+        if bundle_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}.old."))
+            os.replace(bundle_dir, old / bundle_dir.name)
+        os.replace(staging, bundle_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return bundle_dir
+
+
 def write_untrained_bundle(bundle_dir: Path, profile: str = "smoke", seed: int = 0, threshold: float = 0.5,
                            provenance: dict | None = None, preprocessing: dict | None = None) -> Path:
     """A bundle of RANDOMLY INITIALISED models laid out exactly as server/run.py writes one
@@ -310,9 +347,8 @@ def write_untrained_bundle(bundle_dir: Path, profile: str = "smoke", seed: int =
 
     from common.config import load_profile
     from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
-    from common.training.checkpoint import architecture, build_model, save_checkpoint
+    from common.training.checkpoint import architecture, build_model
     from common.training.classification.settings import ClassifierSettings, create_model
-    from common.training.classification.storage import save_classifier
     from common.training.settings import SegmentationSettings
 
     bundle_dir = Path(bundle_dir)
@@ -322,14 +358,13 @@ def write_untrained_bundle(bundle_dir: Path, profile: str = "smoke", seed: int =
     cls = ClassifierSettings.from_profile(loaded)
     torch.manual_seed(seed)
     arch = architecture(seg.model, len(windows) * IN_CHANNELS_PER_WINDOW, OUT_CHANNELS, seg.model_overrides)
-    save_checkpoint(bundle_dir / SEG_DIR, build_model(arch).state_dict(), arch,
-                    {"seed": seed, "train_centers": [], "rounds": 0, "strategy": "untrained"})
-    save_classifier(bundle_dir / CLS_DIR, create_model(cls, windows).state_dict(),
-                    {"settings": cls.as_dict(), "windows": windows,
-                     "calibration": {"method": "none", "a": 1.0, "b": 0.0, "n": 0}, "threshold": threshold,
-                     "train_centers": [], "rounds": 0, "seed": seed})
     pre = preprocessing_from_profile(loaded)
     pre.update(preprocessing or {})
-    write_manifest(bundle_dir, {"profile": profile, "centers": [], "rounds": {"seg": 0, "cls": 0},
-                                "note": "untrained (random weights)", **(provenance or {})}, pre)
-    return bundle_dir
+    return write_bundle(
+        bundle_dir, (build_model(arch).state_dict(), arch, {"seed": seed, "train_centers": [], "rounds": 0,
+                                                           "strategy": "untrained"}),
+        (create_model(cls, windows).state_dict(),
+         {"settings": cls.as_dict(), "windows": windows, "calibration": {"method": "none", "a": 1.0, "b": 0.0, "n": 0},
+          "threshold": threshold, "train_centers": [], "rounds": 0, "seed": seed}),
+        {"profile": profile, "centers": [], "rounds": {"seg": 0, "cls": 0}, "note": "untrained (random weights)",
+         **(provenance or {})}, pre)
