@@ -7,26 +7,25 @@ import math
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import __version__
 from common.config import load_profile
 from common.errors import ConfigError
 from common.files import seed_everything, versions, write_json
-from common.federation import binned
+from common.federation.progress import EVENTS_NAME, ProgressLog
+from common.federation.records import to_record
+from common.federation.settings import FederationSettings
 from common.inference.bundle import SEG_DIR, load_signing_key, preprocessing_from_profile, write_bundle
-from common.federation.records import WITHHELD, to_record
-from common.federation.settings import POOLED, FederationSettings
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model, save_checkpoint
 from common.training.classification.settings import ClassifierSettings
-from common.training.classification.settings import create_model as create_classifier_model
 from common.training.settings import SegmentationSettings
-from server.baselines import fit_baselines
 from server.checkpoint import ServerCheckpoints, training_settings
+from server.classifier_arms import score_arms, train_arms
 from server.grid import Deadlines, StageGrid, collect_replies, error_summary
-from server.guard import GuardedStrategy, RunFailed, metrics_reply_problem, train_reply_problem
+from server.guard import GuardedStrategy, RunFailed, metrics_reply_problem
 from server.strategies import build_strategy
 
 NOT_EVALUATED = "not evaluated: no node answered for this centre at start-up"
@@ -49,6 +48,7 @@ class FederatedRun:
         self.deadlines = Deadlines(settings.round_timeout_s, settings.straggler_factor, settings.straggler_grace_s)
         self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
         self.steps_done, self.steps_total = 0, self.count_steps()
+        self.events: ProgressLog | None = None  # started by the run's first event
 
     def count_steps(self) -> int:
         """Units of work announced as `[k/N]` progress lines (rounds, synthesis, evaluations)."""
@@ -61,7 +61,11 @@ class FederatedRun:
         return s.seg_rounds + 1 + synth + cls
 
     def progress(self, text: str) -> None:
+        """One unit of work done: an event in <out-dir>/progress.jsonl, and a log line."""
         self.steps_done += 1
+        if self.events is None:
+            self.events = ProgressLog(self.out / EVENTS_NAME)
+        self.events.emit(self.steps_done, self.steps_total, text)
         self.log(f"[{self.steps_done}/{self.steps_total}] {text}")
 
     # --------------------------------------------------------------------------------------
@@ -295,112 +299,7 @@ class FederatedRun:
         # Classifier ROIs cut on the federated segmentation's masks (cls-masks = segmentation):
         # its weights travel with every classifier message to the training sites.
         attach = {"seg-arrays": seg_arrays} if self.settings.cls_masks == "segmentation" else {}
-        return self.score_arms(self.train_arms(attach), seg_arrays, attach)
-
-    def score_arms(self, arms: dict[str, ArrayRecord], seg_arrays: ArrayRecord,
-                   attach: dict) -> tuple[ArrayRecord, dict]:
-        """Operating point of every arm from the training sites' validation histograms, then every
-        arm scored at the held-out centres in one message, on the same delivered masks."""
-        train_nodes = {c: self.centers[c] for c in self.settings.train_centers}
-        validation = self.send("evaluate.cls", train_nodes, RecordDict(
-            {**{f"arm.{a}": w for a, w in arms.items()}, **attach,
-             "config": ConfigRecord({"split": "validation", "mask-source": self.settings.cls_masks})}), per_arm=True)
-        points = {}
-        for arm in arms:
-            # A local-only model is calibrated where it was trained, as a site alone would do.
-            sources = [arm.removeprefix("local-")] if arm.startswith("local-") else list(train_nodes)
-            he, nhe = binned.from_metrics([validation[c]["arms"][arm] for c in sources
-                                           if arm in validation[c].get("arms", {})])
-            points[arm] = {**binned.fit_operating_point(he, nhe), "n": int(he.sum() + nhe.sum())}
-        point = points["federated"]
-        self.progress(f"cls: operating points fixed on training-centre validation cases (federated: "
-                      f"n={point['n']}, threshold {point['threshold']:.3f})")
-        config = {f"{arm}.{k}": p[k] for arm, p in points.items() for k in ("calib-a", "calib-b", "threshold")}
-        test_nodes = self.test_nodes
-        final = self.send("evaluate.cls", test_nodes, RecordDict(
-            {**{f"arm.{a}": w for a, w in arms.items()}, "seg-arrays": seg_arrays,
-             "config": ConfigRecord({**config, "split": "all", "mask-source": "segmentation"})}),
-            per_arm=True) if test_nodes else {}
-        final.update(self.not_evaluated())
-        self.progress(f"cls: {len(arms)} arm(s) scored at the held-out centres")
-        stage = self.report["stages"].setdefault("cls", {})
-        # The federated arm as before; every arm (histograms included) under "arms".
-        stage["operating_point"] = point
-        stage["final"] = _without_histograms({c: arm_view(m, "federated") for c, m in {**validation, **final}.items()})
-        stage["arms"] = {arm: {"operating_point": points[arm],
-                               "external": {c: arm_view(m, arm) for c, m in final.items()}}
-                         for arm in arms}
-        return arms["federated"], point
-
-    def train_arms(self, attach: dict) -> dict[str, ArrayRecord]:
-        """Weights of every classifier arm, from the same initial weights, epoch budget and ROI
-        source (`attach`: the segmentation weights, or nothing for reference masks)."""
-        windows = self.profile["preprocess"]["windows"]
-        initial = to_record(create_classifier_model(self.cls, windows).state_dict())
-        s = self.settings
-        with_synthesis = s.synthesis != "none"
-        arms = {"federated": self.train_stage("cls", initial, s.cls_rounds, attach=attach,
-                                              config={"arm": "federated", "use-synthetic": with_synthesis})}
-        if "no-synthesis" in s.arms and with_synthesis:
-            if self.no_site_kept_synthetic():
-                # Same rounds, seeds and ROIs as the federated arm, and no synthetic ROI anywhere:
-                # retraining would reproduce the federated weights exactly.
-                arms["no-synthesis"] = arms["federated"]
-                self.report["stages"]["cls-no-synthesis"] = {"reused": "federated",
-                                                             "why": "no training site kept synthetic ROIs"}
-                self.steps_total -= s.cls_rounds
-                self.log("cls-no-synthesis: no site kept synthetic ROIs, so this arm is the federated arm "
-                         "(not retrained)")
-            else:  # Same rounds and seeds: only the synthetic ROIs differ.
-                arms["no-synthesis"] = self.train_stage("cls-no-synthesis", initial, s.cls_rounds, action="cls",
-                                                        attach=attach,
-                                                        config={"arm": "no-synthesis", "use-synthetic": False})
-        alone = {}
-        if "local" in s.arms:
-            alone.update({f"local-{c}": (c, with_synthesis) for c in s.train_centers})
-        if "centralized" in s.arms:
-            alone["centralized"] = (POOLED, False)  # synthetic ROIs stay at their sites
-        if alone:
-            arms.update(self.train_alone(initial, alone, attach))
-        if "baselines" in s.arms:  # volume-only and markers-only logistic regressions, same sites and markers
-            arms.update(fit_baselines(self, attach))
-        return arms
-
-    def no_site_kept_synthetic(self) -> bool:
-        """True when the synthesis stage ran at every training site without error and each kept
-        no synthetic ROI (the realism gate dropped them, or none were needed)."""
-        synth = self.report["stages"].get("synth")
-        return bool(synth) and set(synth) >= set(self.settings.train_centers) and all(
-            "error" not in m and int(m.get("num-kept", 0)) == 0 for m in synth.values())
-
-    def train_alone(self, initial: ArrayRecord, arms: dict[str, tuple[str, bool]], attach: dict) -> dict[str, ArrayRecord]:
-        """Local-only and centralized arms: one message per arm asking its node to train alone
-        for the federated arm's total epochs (rounds x epochs). All arms run at once."""
-        epochs = self.settings.cls_rounds * self.settings.cls_epochs
-        done, todo = {}, {}
-        for arm, (center, synthetic) in arms.items():
-            latest = self.checkpoints.latest(f"cls-{arm}") if self.settings.resume else None
-            if latest is not None:
-                done[arm] = latest[1]
-            else:
-                todo[arm] = (center, synthetic)
-        if todo:
-            messages = {arm: Message(RecordDict({"arrays": initial, **attach, "config": ConfigRecord(
-                {"server-round": 1, "epochs": epochs, "arm": arm, "use-synthetic": synthetic})}),
-                dst_node_id=self.centers[center], message_type="train.cls") for arm, (center, synthetic) in todo.items()}
-            replies = self.exchange(messages)
-            for arm, reply in replies.items():
-                problem = reply if isinstance(reply, str) else train_reply_problem(
-                    reply.content, initial, self.declared_cases.get(todo[arm][0]))
-                if problem:
-                    self.log(f"cls: arm {arm} failed at {todo[arm][0]}: {problem[:200]}")
-                    continue
-                done[arm] = reply.content["arrays"]
-                self.checkpoints.save(f"cls-{arm}", 1, done[arm], {"metrics": dict(reply.content["metrics"])})
-                self.report["stages"].setdefault("cls-alone", {})[arm] = dict(reply.content["metrics"])
-        self.progress("cls: " + ", ".join(f"{a} {'trained' if a in done else 'FAILED'}" for a in arms)
-                      + f" ({epochs} epochs each)")
-        return done
+        return score_arms(self, train_arms(self, attach), seg_arrays, attach)
 
     def send(self, message_type: str, nodes: dict[str, int], content: RecordDict,
              per_arm: bool = False) -> dict[str, dict]:
@@ -436,21 +335,6 @@ class FederatedRun:
             if key is not None:
                 results[key] = error_summary(reply.error.reason) if reply.has_error() else reply
         return results
-
-
-def arm_view(metrics: dict, arm: str) -> dict:
-    """One arm's metrics at a centre, with the centre's counts (or its error)."""
-    if "error" in metrics:
-        return {"error": metrics["error"]}
-    counts = {k: v for k, v in metrics.items() if k != "arms"}
-    if metrics.get(WITHHELD):
-        return {**counts, "error": f"withheld by the site: {int(metrics.get('num-examples', 0))} case(s), fewer "
-                                   "than min-aggregate-cases"}
-    return {**counts, **metrics.get("arms", {}).get(arm, {"error": "arm not scored"})}
-
-
-def _without_histograms(results: dict[str, dict]) -> dict[str, dict]:
-    return {c: {k: v for k, v in m.items() if not k.startswith("hist-")} for c, m in results.items()}
 
 
 def synth_summary(center: str, m: dict) -> str:

@@ -10,7 +10,6 @@ and keeps each fold's model bundle under <fold>/federation/model.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,15 +18,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.federation.progress import EVENTS_NAME, ProgressReader
 from common.federation.settings import ARMS, FederationSettings
 from common.files import write_json
 from simulation.metrics import study_metrics
 from simulation.report import write_report
 from simulation.resources import PeakMemory
 from simulation.run import run_local_federation
-
-STEP = re.compile(r"hemex: \[(\d+)/(\d+)\] (.*)")
-
 
 def folds_of(settings: FederationSettings, leave_one_out: bool) -> list[tuple[str, FederationSettings]]:
     """(name, settings) per federation to run: the given split, or each centre held out in turn."""
@@ -56,15 +53,17 @@ def run_study(settings: FederationSettings, out: Path, *, leave_one_out: bool = 
             label = f"fold {index}/{len(runs)} " if len(runs) > 1 else ""
             task = progress.add_task(f"{label}starting the federation", total=None)
 
-            def log(line: str, task=task, label=label) -> None:
-                match = STEP.search(line)
-                if match:
-                    done, total, text = int(match[1]), int(match[2]), match[3]
-                    progress.update(task, completed=done, total=total,
-                                    description=f"{label}{text.split(':')[0]}")
-                    progress.console.print(f"  {label}{text}"[:200])
-                elif "ERROR" in line or "hemex:" in line:
-                    progress.console.print(f"  {line.strip()}"[:200])
+            events = Path(fold.out_dir) / EVENTS_NAME
+            events.unlink(missing_ok=True)  # a previous run's events
+            reader = ProgressReader(events)
+
+            def log(line: str, task=task, label=label, reader=reader) -> None:
+                # The bar follows the coordinator's progress events; its log lines are shown as they come.
+                for event in reader.read():
+                    progress.update(task, completed=event["step"], total=event["total"],
+                                    description=f"{label}{event['stage']}")
+                if "ERROR" in line or "hemex:" in line:
+                    progress.console.print(f"  {label}{line.strip().removeprefix('hemex: ')}"[:200])
 
             reports.append(run_local_federation(fold, log=log))
             progress.update(task, description=f"{label}done")

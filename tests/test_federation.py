@@ -181,6 +181,7 @@ def test_stage_grid_never_sends_to_held_out_nodes():
 
 
 def test_no_synthesis_arm_reuses_the_federated_weights_only_when_no_site_kept_synthetic(tmp_path, monkeypatch):
+    from server.classifier_arms import train_arms
     from server.run import FederatedRun
 
     settings = settings_for(tmp_path, tmp_path / "run", cls_rounds=2, synthesis="1:2",
@@ -202,7 +203,7 @@ def test_no_synthesis_arm_reuses_the_federated_weights_only_when_no_site_kept_sy
         trained.clear()
         run.report["stages"] = {"synth": synth}
         total = run.steps_total
-        arms = run.train_arms({})
+        arms = train_arms(run, {})
         assert trained == (["cls", "cls-no-synthesis"] if retrained else ["cls"])
         assert (arms["no-synthesis"] is arms["federated"]) != retrained
         assert run.steps_total == total - (0 if retrained else settings.cls_rounds)

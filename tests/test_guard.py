@@ -295,6 +295,28 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
         federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01), seg_rounds=1).execute()
 
 
+def test_the_run_reports_progress_as_events_that_a_follower_reads_as_they_come(tmp_path):
+    from common.federation.progress import EVENTS_NAME, ProgressReader
+
+    reader = ProgressReader(tmp_path / "run" / EVENTS_NAME)
+    assert reader.read() == []  # nothing yet: no file
+    run = federated_run(tmp_path, SiteGrid(["h1", "h2", "h3", "h4"], train=lambda center: 0.01), seg_rounds=2)
+    run.execute()
+    events = reader.read()
+    assert [(e["step"], e["total"], e["stage"]) for e in events] == [(1, 3, "seg"), (2, 3, "seg"), (3, 3, "seg")]
+    assert events[0]["text"].startswith("seg: round 1/2 done") and reader.read() == []
+    with open(reader.path, "a", encoding="utf-8") as handle:  # a line being written is not read half
+        handle.write('{"step": 4, "total"')
+    assert reader.read() == []
+    with open(reader.path, "a", encoding="utf-8") as handle:
+        handle.write(': 4, "stage": "x", "text": "x: done", "time": 0}\n')
+    assert [e["step"] for e in reader.read()] == [4]
+    # A new run in the same folder starts the file again, and the follower from its start.
+    federated_run(tmp_path, SiteGrid(["h1", "h2", "h3", "h4"], train=lambda center: 0.01), seg_rounds=1,
+                  resume=False).execute()
+    assert [(e["step"], e["total"]) for e in reader.read()] == [(1, 2), (2, 2)]
+
+
 class LyingEvaluator(SiteGrid):
     """h4 (held out) claims a billion evaluated cases and an infinite Dice."""
 

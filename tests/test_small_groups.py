@@ -130,7 +130,7 @@ def test_the_coordinator_leaves_withheld_replies_out_of_the_round_mean():
     from flwr.serverapp.strategy import FedAvg
 
     from server.guard import GuardedStrategy
-    from server.run import arm_view
+    from server.classifier_arms import arm_view
 
     def evaluate_reply(node: int, metrics: dict) -> Message:
         sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="evaluate")
