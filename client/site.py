@@ -22,7 +22,8 @@ from common.data.preprocess import DEFAULT_WINDOWS
 from common.errors import ConfigError, HemexError
 from common.federation.settings import POOLED, FederationSettings
 from common.training.classification.roi_cache import cached_reference_rois
-from common.training.classification.rois import build_roi_dataset, stratified_split
+from common.training.classification.pretraining import PretrainingSettings, with_slices
+from common.training.classification.rois import build_roi_dataset, roi_array, stratified_split
 from common.training.classification.settings import ClassifierSettings
 from common.training.settings import SegmentationSettings
 
@@ -39,7 +40,9 @@ class Site:
         self.cache_dir = Path(cache_dir) if cache_dir else (
             Path(settings.cache_dir or Path(settings.out_dir) / "site-cache") / center)
         self.cls = ClassifierSettings.from_profile(load_profile(settings.profile))
+        self.pretraining = PretrainingSettings.from_profile(load_profile(settings.profile))
         self._rois = {}  # mask source -> (dataset, fit, val)
+        self._pretraining_slices = {}  # split -> (slices, cases)
         self.profile = load_profile(settings.profile)
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
@@ -95,6 +98,21 @@ class Site:
                 val += [dataset.cases[index[i]] for i in v]
             self._rois[source] = (dataset, fit, val)
         return self._rois[source]
+
+    def pretraining_slices(self, split: str = "fit") -> tuple[np.ndarray, int]:
+        """ROI slices (N, C, P, P) for self-supervised pretraining and the number of cases they
+        come from: every case of the segmentation's fit (or validation) split with a hematoma
+        mask, labelled or not, `slices_per_case` slices each; cached like the classifier's ROIs."""
+        if split not in self._pretraining_slices:
+            cases = self.fit_cases if split == "fit" else self.val_cases
+            settings = with_slices(self.cls, self.pretraining.slices_per_case)
+            dataset = cached_reference_rois(
+                self.cache_dir / "rois", cases, settings, DEFAULT_WINDOWS, False,
+                lambda: build_roi_dataset(cases, settings, require_label=False, with_markers=False), require_label=False)
+            arrays = [roi_array(r, self.cls.mask_channel) for r in dataset.cases]
+            slices = np.concatenate(arrays) if arrays else np.zeros((0,), np.float32)
+            self._pretraining_slices[split] = (slices, len(arrays))
+        return self._pretraining_slices[split]
 
     @staticmethod
     def aux_targets(dataset) -> dict | None:

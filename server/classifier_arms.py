@@ -60,7 +60,8 @@ def train_arms(run: "FederatedRun", attach: dict) -> dict[str, ArrayRecord]:
     """Weights of every classifier arm, from the same initial weights, epoch budget and ROI
     source (`attach`: the segmentation weights, or nothing for reference masks)."""
     windows = run.profile["preprocess"]["windows"]
-    initial = to_record(create_classifier_model(run.cls, windows).state_dict())
+    initial = (run.cls_initial if run.cls_initial is not None
+               else to_record(create_classifier_model(run.cls, windows).state_dict()))
     s = run.settings
     with_synthesis = s.synthesis != "none"
     arms = {"federated": run.train_stage("cls", initial, s.cls_rounds, attach=attach,

@@ -20,7 +20,9 @@ from common.federation.settings import FederationSettings
 from common.inference.bundle import SEG_DIR, load_signing_key, preprocessing_from_profile, write_bundle
 from common.training.central import IN_CHANNELS_PER_WINDOW, OUT_CHANNELS
 from common.training.checkpoint import architecture, build_model, save_checkpoint
+from common.training.classification.pretraining import MaskedImageModel
 from common.training.classification.settings import ClassifierSettings
+from common.training.classification.settings import create_model as create_classifier_model
 from common.training.settings import SegmentationSettings
 from server.checkpoint import ServerCheckpoints, training_settings
 from server.classifier_arms import score_arms, train_arms
@@ -49,6 +51,7 @@ class FederatedRun:
         self.report: dict = {"settings": settings.to_run_config(), "stages": {}, "timing": {}}
         self.steps_done, self.steps_total = 0, self.count_steps()
         self.events: ProgressLog | None = None  # started by the run's first event
+        self.cls_initial: ArrayRecord | None = None  # the classifier arms' initial weights (pretrained encoder)
 
     def count_steps(self) -> int:
         """Units of work announced as `[k/N]` progress lines (rounds, synthesis, evaluations)."""
@@ -57,7 +60,7 @@ class FederatedRun:
         alone = any(a in s.arms for a in ("local", "centralized"))
         synth = s.cls_rounds > 0 and s.synthesis != "none"
         baselines = "baselines" in s.arms
-        cls = (s.cls_rounds * cls_arms + alone + baselines + 2) if s.cls_rounds > 0 else 0
+        cls = (s.ssl_rounds + s.cls_rounds * cls_arms + alone + baselines + 2) if s.cls_rounds > 0 else 0
         return s.seg_rounds + 1 + synth + cls
 
     def progress(self, text: str) -> None:
@@ -247,6 +250,8 @@ class FederatedRun:
             self.report["stages"]["synth"] = results
             self.report["timing"]["synth_seconds"] = time.time() - synth_started
             self.progress("synth: " + "; ".join(synth_summary(c, m) for c, m in results.items()))
+        if self.settings.cls_rounds > 0 and self.settings.ssl_rounds > 0:
+            self.cls_initial = self.pretrain_encoder()
         if self.settings.cls_rounds > 0:
             cls_started = time.time()
             cls_arrays, operating_point = self.classifier(seg_arrays)
@@ -262,6 +267,18 @@ class FederatedRun:
                                               "profile": self.profile, "segmentation": self.seg.as_dict(),
                                               "classifier": self.cls.as_dict(), "architecture": arch})
         return self.report
+
+    def pretrain_encoder(self) -> ArrayRecord:
+        """Federated self-supervised pretraining of the classifier's encoder (ssl-rounds rounds of
+        masked image modelling at the training sites; the model's weights travel, the slices stay).
+        Returns the classifier arms' initial weights: the pretrained encoder and its untrained head."""
+        windows = self.profile["preprocess"]["windows"]
+        mim = MaskedImageModel(create_classifier_model(self.cls, windows), len(windows) + self.cls.mask_channel)
+        started = time.time()
+        arrays = self.train_stage("ssl", to_record(mim.state_dict()), self.settings.ssl_rounds)
+        self.report["timing"]["ssl_seconds"] = time.time() - started
+        mim.load_state_dict(arrays.to_torch_state_dict())
+        return to_record(mim.classifier.state_dict())
 
     def write_bundle(self, bundle: Path, segmentation: tuple, cls_arrays: ArrayRecord, operating_point: dict) -> None:
         """The model bundle `hemex predict` loads: both models, the checksummed manifest with the
@@ -349,11 +366,11 @@ def synth_summary(center: str, m: dict) -> str:
 
 def summarize_round(entry: dict) -> str:
     parts = []
-    for kind, key in (("train", "train-loss"), ("evaluate", "dice")):
+    for kind, keys in (("train", ("train-loss",)), ("evaluate", ("dice", "ssl-loss"))):
         metrics = entry.get(kind, {}).get("metrics", {})
-        values = [m[key] for m in metrics.values() if key in m]
-        if values:
-            parts.append(f"{kind} {key} " + ", ".join(f"{c}={m[key]:.3f}" for c, m in metrics.items() if key in m))
+        for key in keys:
+            if any(key in m for m in metrics.values()):
+                parts.append(f"{kind} {key} " + ", ".join(f"{c}={m[key]:.3f}" for c, m in metrics.items() if key in m))
         errors = entry.get(kind, {}).get("errors", {})
         if errors:
             parts.append(f"{kind} errors at {', '.join(errors)}")

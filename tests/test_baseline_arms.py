@@ -8,13 +8,12 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from common.baselines import (MARKER_MODEL_FEATURES, VOLUME_FEATURES, FederatedFit, baseline_logits, fit_baseline,
                               newton_keys, pooled_standardization, site_moments, site_newton_terms)
 from common.federation.settings import FederationSettings
-from fake_grid import PushPullGrid
+from fake_grid import AppGrid
 
 # Typical marker scales (log mL, HU, HU, ratio, fraction, ratio, count), so standardisation matters.
 CENTRE = np.array([2.3, 58.0, 10.0, 0.18, 0.1, 0.7, 1.0])
@@ -90,34 +89,6 @@ def test_the_scoring_bound_counts_the_two_baseline_arms_once():
 # A study's classifier phase on the tiny cohort, through hemex's own ClientApp
 
 
-class AppGrid(PushPullGrid):
-    """A stand-in Grid delivering each message to hemex's real ClientApp, one node per centre
-    (partition order), each with its own persistent context state."""
-
-    def __init__(self, settings: FederationSettings):
-        self.settings = settings
-        self.states: dict[int, RecordDict] = {}
-        self.types: list[str] = []
-
-    def get_node_ids(self):
-        return list(range(1, len(self.settings.node_centers) + 1))
-
-    def send_and_receive(self, messages, timeout=None):
-        import client.app as client_app
-
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            self.types.append(message.metadata.message_type)
-            TaskIdentity.node_id = node
-            context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1,
-                                                                   "num-partitions": len(self.get_node_ids())},
-                              state=self.states.setdefault(node, RecordDict()),
-                              run_config=self.settings.to_run_config())
-            replies.append(client_app.app(message, context))
-        return replies
-
-
 @pytest.mark.slow
 def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_differences(
         tiny_cohort, tmp_path, monkeypatch, task_identity):
@@ -126,7 +97,8 @@ def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_dif
     centres on the same segmentation masks as the classifier (a stand-in here: thresholded blood
     density, main lesion kept, since a smoke-trained model finds nothing), and reach metrics.json,
     the terminal table and the report with finite AUCs and paired DeLong differences."""
-    import client.app as client_app
+    import client.classifier as client_classifier
+    import client.messages as client_messages
     from rich.console import Console
 
     from common.federation.records import to_record
@@ -140,10 +112,10 @@ def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_dif
     def blood_threshold(site, seg_weights):
         return lambda s: keep_main_lesion(((s.hu >= 50) & (s.hu <= 90)).astype(np.uint8), s.spacing, 20.0)
 
-    monkeypatch.setattr(client_app, "segmentation_mask_provider", blood_threshold)
+    monkeypatch.setattr(client_classifier, "segmentation_mask_provider", blood_threshold)
     replies = []
-    real_check = client_app.check_reply
-    monkeypatch.setattr(client_app, "check_reply", lambda content, model=None: replies.append(content)
+    real_check = client_messages.check_reply
+    monkeypatch.setattr(client_messages, "check_reply", lambda content, model=None: replies.append(content)
                         or real_check(content, model))
     settings = FederationSettings(
         data_root=str(tiny_cohort), centers=("center1", "center2", "center3", "center4", "center5"),

@@ -106,7 +106,7 @@ def test_strategy_hyperparameters_reach_the_strategy_and_the_sites():
     assert build_strategy(FederationSettings(strategy="krum", krum_attackers=2), 7).num_malicious_nodes == 2
     assert build_strategy(FederationSettings(strategy="krum"), 7).num_malicious_nodes == 2  # auto: (7 - 3) // 2
     # FedProx's mu travels in each training round's config, which is where the site reads it.
-    from client.app import proximal_mu
+    from client.messages import proximal_mu
 
     prox = build_strategy(FederationSettings(strategy="fedprox", proximal_mu=0.03), 2)
     prox.min_available_nodes = prox.min_train_nodes = 1
@@ -227,14 +227,17 @@ def call_client(app, message_type: str, content: RecordDict, partition: int, set
 @pytest.mark.slow
 def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, monkeypatch):
     import client.app as client_app
+    import client.messages as client_messages
+    from client.classifier import cls_model
+    from client.segmentation import seg_model
     from client.site import Site
 
     checked = []
-    real_check = client_app.check_reply
-    monkeypatch.setattr(client_app, "check_reply", lambda content, keys=None: checked.append(content)
+    real_check = client_messages.check_reply
+    monkeypatch.setattr(client_messages, "check_reply", lambda content, keys=None: checked.append(content)
                         or real_check(content, keys))
     settings = settings_for(tiny, tmp_path)
-    weights = ArrayRecord(client_app.seg_model(Site("center1", tiny / "center1", settings)).state_dict())
+    weights = ArrayRecord(seg_model(Site("center1", tiny / "center1", settings)).state_dict())
     info = call_client(client_app.app, "query.info", RecordDict({"config": ConfigRecord({})}), 0, settings)
     assert info.content["info"]["center"] == "center1"
     assert dict(info.content["metrics"]) == {"num-cases": 10, "num-he": 2, "num-nhe": 8, "num-masks": 10,
@@ -285,7 +288,7 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     grown = site.roi_dataset(lambda sample: ndimage.binary_dilation(sample.mask, iterations=2).astype(np.uint8))[0]
     assert all(grown.markers[k]["volume_ml"] > 1.5 * grown.reference_markers[k]["volume_ml"] for k in grown.markers)
     assert len(site.roi_dataset(lambda sample: np.zeros_like(sample.mask))[1]) == len(fit_reference)
-    cls_initial = ArrayRecord(client_app.cls_model(site).state_dict())
+    cls_initial = ArrayRecord(cls_model(site).state_dict())
     seg_cut = call_client(client_app.app, "train.cls", RecordDict(
         {"arrays": cls_initial, "seg-arrays": weights,
          "config": ConfigRecord({"server-round": 1, "use-synthetic": False})}), 0, settings)
@@ -295,7 +298,7 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     # Classifier under client-side DP-SGD: weights plus the site's epsilon, composed over rounds.
     dp_settings = settings_for(tiny, tmp_path / "dp", dp_sgd_noise_multiplier=1.0, dp_sgd_delta=1e-3)
     site = Site("center1", tiny / "center1", dp_settings)
-    cls_weights = ArrayRecord(client_app.cls_model(site).state_dict())
+    cls_weights = ArrayRecord(cls_model(site).state_dict())
     state = RecordDict()
     epsilons = []
     for server_round in (1, 2):
@@ -351,6 +354,7 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
     import csv
 
     import client.app as client_app
+    from client.classifier import cls_model
     from client.site import Site
 
     data = Path(shutil.copytree(tiny, tmp_path / "data"))
@@ -364,7 +368,7 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
     synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, settings)
     assert dict(synth.content["metrics"]) == {"num-kept": 0, "num-needed": 0, "skipped-he-cases": 0}
 
-    initial = ArrayRecord(client_app.cls_model(Site("center1", data / "center1", settings)).state_dict())
+    initial = ArrayRecord(cls_model(Site("center1", data / "center1", settings)).state_dict())
     round_one = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1, "use-synthetic": False})})
     skipped = call_client(client_app.app, "train.cls", round_one, 0, settings)
     trained = call_client(client_app.app, "train.cls", round_one, 1, settings)
@@ -391,15 +395,16 @@ def test_held_out_site_scores_every_arm_on_the_segmentation_rois(tiny, tmp_path,
     masks (here a stand-in: thresholded blood density, main lesion kept, since a smoke-trained model
     finds nothing), every arm scored on the same cases, only aggregates and a paired test returned."""
     import client.app as client_app
+    import client.classifier as client_classifier
     from client.site import Site
     from common.inference.postprocess import keep_main_lesion
 
     def blood_threshold(site, seg_weights):
         return lambda s: keep_main_lesion(((s.hu >= 50) & (s.hu <= 90)).astype(np.uint8), s.spacing, 20.0)
 
-    monkeypatch.setattr(client_app, "segmentation_mask_provider", blood_threshold)
+    monkeypatch.setattr(client_classifier, "segmentation_mask_provider", blood_threshold)
     settings = settings_for(tiny, tmp_path, cls_rounds=1)
-    state = client_app.cls_model(Site("center4", tiny / "center4", settings)).state_dict()
+    state = client_classifier.cls_model(Site("center4", tiny / "center4", settings)).state_dict()
     generator = torch.Generator().manual_seed(1)
     other = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
              for k, v in state.items()}

@@ -48,10 +48,10 @@ def site_context(root, settings, **node) -> Context:
 
 
 def cls_arms(root, settings, n: int) -> dict:
-    import client.app as client_app
+    from client.classifier import cls_model
     from client.site import Site
 
-    model = client_app.cls_model(Site("S", root / "S", settings))
+    model = cls_model(Site("S", root / "S", settings))
     return {f"arm.a{i}": ArrayRecord(model.state_dict()) for i in range(n)}
 
 
@@ -83,11 +83,11 @@ def test_a_small_group_gets_counts_and_a_flag_only(six_cases):
 
 
 def test_segmentation_summaries_are_withheld_below_k(six_cases):
-    import client.app as client_app
+    from client.segmentation import seg_model
     from client.site import Site
 
     settings = settings_for(six_cases)
-    weights = ArrayRecord(client_app.seg_model(Site("S", six_cases / "S", settings)).state_dict())
+    weights = ArrayRecord(seg_model(Site("S", six_cases / "S", settings)).state_dict())
     for split, node, n in (("validation", {}, 1), ("all", {"min-aggregate-cases": 7}, 6)):
         reply = call("evaluate.seg", RecordDict({"arrays": weights, "config": ConfigRecord({"split": split})}),
                      site_context(six_cases, settings, **node))
@@ -102,7 +102,7 @@ def test_a_site_scores_at_most_max_cls_scorings_models_per_run(six_cases):
     assert not scored(three, context).has_error()
     assert not scored({"arm.a0": three["arm.a0"], "arm.a1": three["arm.a1"]}, context).has_error()  # 5 of 5
     refused = scored({"arm.a0": three["arm.a0"]}, context)
-    assert refused.error.reason.startswith("PrivacyViolation: site error in evaluate.cls at app.py:")
+    assert refused.error.reason.startswith("PrivacyViolation: site error in evaluate.cls at messages.py:")
     # A new run starts a new count; a site's node-config lowers the run's bound (min(5, 2)).
     fresh = site_context(six_cases, settings, **{"max-cls-scorings": 2})
     assert scored(three, fresh).has_error() and "cls-scorings" not in fresh.state

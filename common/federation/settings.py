@@ -58,6 +58,9 @@ class FederationSettings:
     seg_model: str = ""  # empty: the profile's segmentation model
     seg_rounds: int = 3
     seg_epochs: int = 2  # local epochs per round
+    # Federated self-supervised pretraining of the classifier's encoder before its arms train
+    # (masked image modelling on every ROI slice, labelled or not); 0 = off (measured: no gain yet).
+    ssl_rounds: int = 0
     cls_rounds: int = 3
     cls_epochs: int = 4  # x cls-rounds = the profile's 12 classifier epochs
     cls_masks: str = "reference"  # see CLS_MASKS
@@ -105,7 +108,7 @@ class FederationSettings:
             raise ConfigError(f"arms {','.join(self.arms)!r}: must include 'federated', from {', '.join(ARMS)}")
         if POOLED in self.centers:
             raise ConfigError(f"centre id {POOLED!r} is reserved for the centralized arm's pooled node")
-        for name in ("seg_rounds", "cls_rounds"):
+        for name in ("seg_rounds", "cls_rounds", "ssl_rounds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 0")
         for name in ("seg_epochs", "cls_epochs"):

@@ -28,20 +28,23 @@ from common.training.classification.settings import ClassifierSettings
 ROI_FORMAT = 2  # bump when build_roi_dataset's output changes: older cache files are then ignored
 
 
-def roi_digest(cases: Sequence[Case], settings: ClassifierSettings, windows, with_markers: bool) -> str:
+def roi_digest(cases: Sequence[Case], settings: ClassifierSettings, windows, with_markers: bool,
+               require_label: bool = True) -> str:
     """What a reference-mask ROI dataset depends on: the cases, the ROI and marker settings."""
     h = hashlib.sha256(json.dumps([ROI_FORMAT, None if settings.spacing is None else list(settings.spacing),
                                    settings.k_slices, settings.size_mm, settings.pixels, settings.hypodense_hu,
-                                   settings.marker_fusion, [list(w) for w in windows], with_markers]).encode())
+                                   settings.marker_fusion, [list(w) for w in windows], with_markers,
+                                   require_label]).encode())
     for case in cases:
         update_with_case(h, case)
     return h.hexdigest()
 
 
 def cached_reference_rois(folder: Path, cases: Sequence[Case], settings: ClassifierSettings, windows,
-                          with_markers: bool, build: Callable[[], ROIDataset]) -> ROIDataset:
+                          with_markers: bool, build: Callable[[], ROIDataset], require_label: bool = True) -> ROIDataset:
     """The dataset cached in `folder` for these inputs, or `build()`'s, then cached."""
-    path = Path(folder) / f"reference-{roi_digest(cases, settings, windows, with_markers)[:24]}.npz"
+    digest = roi_digest(cases, settings, windows, with_markers, require_label)
+    path = Path(folder) / f"reference-{digest[:24]}.npz"
     dataset = read_rois(path)
     if dataset is None:
         dataset = build()
