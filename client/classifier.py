@@ -24,8 +24,8 @@ from common.training.classification.prediction import case_logits
 from common.training.classification.rois import build_roi_dataset
 from common.training.classification.rois import key as case_key
 from common.training.classification.settings import create_model as create_classifier_model
-from common.training.classification.training import Budget, train_classifier
-from common.training.privacy import DPSettings, train_classifier_dp
+from common.training.classification.site_training import Schedule, round_schedule, train_at_site
+from common.training.privacy import DPSettings
 
 
 def cls_model(site: Site):
@@ -68,34 +68,17 @@ def train_cls(message: Message, context: Context) -> Message:
         # no HE case): nothing to learn about HE vs not, so it returns the global weights with
         # weight 0. A local-only arm there fails instead: it would have no model to report.
         return skip_round(message, model, settings, len(dataset.excluded), started)
-    if settings.dp_sgd_noise_multiplier > 0:  # DP-SGD draws patients, not slices
-        steps_per_epoch = max(1, len(fit) // max(1, min(site.cls.batch_size, len(fit))))
-    else:
-        steps_per_epoch = max(1, sum(len(r.images) for r in fit) // site.cls.batch_size)
-    if "epochs" in config:
-        epochs, offset, total = int(config["epochs"]), 0, None
-    else:
-        epochs = site.settings.cls_epochs
-        offset = (server_round - 1) * epochs * steps_per_epoch
-        total = site.settings.cls_rounds * epochs * steps_per_epoch
-    if settings.dp_sgd_noise_multiplier > 0:
-        # Patient-level DP-SGD; synthetic ROIs are left out (their generator is not private).
-        dp = DPSettings(settings.dp_sgd_noise_multiplier, settings.dp_sgd_max_grad_norm, settings.dp_sgd_delta)
-        key = f"{state_stage(arm)}-dp-steps"
-        prior = int(context.state[key]["steps"]) if key in context.state else 0
-        trained = train_classifier_dp(model, fit, epochs, dp, settings=site.cls, seed=seed,
-                                      windows=site.profile["preprocess"]["windows"], prior_steps=prior,
-                                      schedule_offset=offset, schedule_total=total)
-        context.state[key] = MetricRecord({"steps": int(trained["total_steps"])})
-        metrics = {"train-loss": trained["train_loss"], "num-synthetic": 0, "dp-epsilon": trained["epsilon"],
-                   "dp-delta": dp.delta, "dp-steps": int(trained["total_steps"]), "seconds": trained["seconds"]}
-    else:
-        result = train_classifier(model, fit, Budget(epochs=epochs), seed=seed, extra_he_rois=extra,
-                                  extra_he_masks=extra_masks, proximal_mu=proximal_mu(config), settings=site.cls,
-                                  windows=site.profile["preprocess"]["windows"], aux_targets=site.aux_targets(dataset),
-                                  schedule_offset=offset, schedule_total=total)
-        metrics = {"train-loss": result.metrics["train_loss"], "num-synthetic": int(result.metrics.get("num_extra", 0)),
-                   "seconds": float(result.metrics.get("seconds", 0.0))}
+    dp = (DPSettings(settings.dp_sgd_noise_multiplier, settings.dp_sgd_max_grad_norm, settings.dp_sgd_delta)
+          if settings.dp_sgd_noise_multiplier > 0 else None)
+    schedule = (Schedule(int(config["epochs"])) if "epochs" in config else
+                round_schedule(fit, site.cls, dp is not None, settings.cls_epochs, server_round, settings.cls_rounds))
+    dp_key = f"{state_stage(arm)}-dp-steps"  # the site's DP-SGD steps so far: its epsilon covers every round
+    metrics = train_at_site(model, fit, schedule, settings=site.cls, windows=site.profile["preprocess"]["windows"],
+                            seed=seed, dp=dp, dp_prior_steps=int(context.state[dp_key]["steps"])
+                            if dp_key in context.state else 0, extra_he_rois=extra, extra_he_masks=extra_masks,
+                            proximal_mu=proximal_mu(config), aux_targets=site.aux_targets(dataset))
+    if dp is not None:
+        context.state[dp_key] = MetricRecord({"steps": metrics["dp-steps"]})
     state = model.state_dict()
     if local_keys:
         context.state[f"{state_stage(arm)}-local-norm"] = to_record({k: state[k] for k in local_keys})
