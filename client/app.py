@@ -26,15 +26,27 @@ A handler's exception leaves the site only as its class, a short code and a dige
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import baselines, classifier, pretraining, segmentation, synthesis
 from client.errors import site_errors
 from client.messages import reply
 from client.site import site_from_context
 
 app = ClientApp(mods=[site_errors])
+
+
+def handler(module: str, name: str):
+    """The handler `name` of client/<module>.py, imported when its first message arrives: a
+    deployed SuperNode starts a fresh process per message, which then loads only that stage's stack."""
+
+    def handle(message: Message, context: Context) -> Message:
+        return getattr(import_module(f"client.{module}"), name)(message, context)
+
+    handle.__name__ = name
+    return handle
 
 
 @app.query("info")
@@ -44,11 +56,11 @@ def info(message: Message, context: Context) -> Message:
                                       "metrics": MetricRecord(site.info())}))
 
 
-app.train("seg")(segmentation.train_seg)
-app.evaluate("seg")(segmentation.evaluate_seg)
-app.train("ssl")(pretraining.train_ssl)
-app.evaluate("ssl")(pretraining.evaluate_ssl)
-app.query("synth")(synthesis.synthesize)
-app.train("cls")(classifier.train_cls)
-app.evaluate("cls")(classifier.evaluate_cls)
-app.train("baseline")(baselines.train_baseline)
+app.train("seg")(handler("segmentation", "train_seg"))
+app.evaluate("seg")(handler("segmentation", "evaluate_seg"))
+app.train("ssl")(handler("pretraining", "train_ssl"))
+app.evaluate("ssl")(handler("pretraining", "evaluate_ssl"))
+app.query("synth")(handler("synthesis", "synthesize"))
+app.train("cls")(handler("classifier", "train_cls"))
+app.evaluate("cls")(handler("classifier", "evaluate_cls"))
+app.train("baseline")(handler("baselines", "train_baseline"))

@@ -10,14 +10,11 @@ import SimpleITK as sitk
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.messages import global_round, proximal_mu, receive_global, reply, small_group, spend_scorings
-from client.segmentation import seg_model
 from client.site import Site, site_from_context
 from common.baselines import BASELINE_ARMS, baseline_logits, feature_matrix
 from common.data.preprocess import resample_sample
 from common.federation import binned
 from common.federation.records import WITHHELD, from_record, load_global, to_record
-from common.inference.postprocess import refine_boundary
-from common.inference.segmentation import mask_on_grid, segment
 from common.metrics.classification import Z95, delong_ci, delong_test
 from common.synthesis.run import load_synthetic, resize_rois
 from common.training.classification.prediction import case_logits
@@ -111,6 +108,12 @@ def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
     built = []
 
     def provide(sample):
+        # Imported here: a classifier message on reference masks (the default) never segments,
+        # and the segmentation stack (MONAI, the networks) costs seconds in every fresh process.
+        from client.segmentation import seg_model
+        from common.inference.postprocess import refine_boundary
+        from common.inference.segmentation import mask_on_grid, segment
+
         if not built:
             built.append(seg_model(site))
             load_global(built[0], from_record(seg_weights))

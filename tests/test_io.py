@@ -261,6 +261,20 @@ def test_window_channels_map_each_window_to_unit_range():
     np.testing.assert_allclose(channels[1], [0, 0, 0, 0.5, 1.0, 1.0])
 
 
+def test_window_channels_are_monais_intensity_scaling_bit_for_bit():
+    """The windows are computed without importing MONAI (seconds per ClientApp process); the
+    values must stay exactly what MONAI's ScaleIntensityRange gives, which trained models expect."""
+    from monai.transforms import ScaleIntensityRange
+
+    hu = (np.random.default_rng(0).standard_normal((6, 40, 40)) * 300).astype(np.float32)
+    windows = ((40.0, 80.0), (60.0, 40.0), (75.0, 215.0), (35.5, 70.3))
+    ours = window_channels(hu, windows)
+    for channel, (level, width) in zip(ours, windows):
+        monai = ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True,
+                                    dtype=np.float32)(hu)
+        assert channel.dtype == np.float32 and np.array_equal(channel, np.asarray(monai))
+
+
 def test_resample_mask_stays_binary():
     mask = sitk.GetImageFromArray(np.pad(np.ones((3, 5, 5), np.uint8), 2))
     out = resample(mask, (0.37, 0.37, 0.9), is_mask=True)

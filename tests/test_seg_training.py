@@ -20,16 +20,10 @@ from common.config import load_profile
 from common.data.preprocess import AIR_HU, DEFAULT_WINDOWS, Geometry, Sample
 from common.errors import ConfigError, DataError
 from common.networks import create_model
-from common.training import (
-    SegmentationSettings,
-    architecture,
-    build_model,
-    check_volume,
-    load_checkpoint,
-    predict_mask,
-    save_checkpoint,
-    train_segmentation,
-)
+from common.inference.segmentation import check_volume, predict_mask
+from common.training.checkpoint import architecture, build_model, load_checkpoint, save_checkpoint
+from common.training.segmentation import train_segmentation
+from common.training.settings import SegmentationSettings
 from common.training.central import validate_centers
 from common.training.losses import DeepSupervisionDiceCE, deep_supervision_weights, proximal_term
 from common.training.patches import PatchSampler
@@ -382,7 +376,7 @@ def test_train_seg_bad_settings_are_one_line_errors(cohort, tmp_path, capsys, ex
 def test_a_short_training_segments_hematomas_of_unseen_centres(tiny_cohort):
     from common.data.contract import read_cohort
     from common.data.dataset import SampleCache
-    from common.training import evaluate_segmentation
+    from common.training.evaluation import evaluate_segmentation
 
     cohort = read_cohort(tiny_cohort)
     cache = SampleCache((2.0, 2.0, 5.0))

@@ -1,30 +1,12 @@
 """Model training. ``segmentation``: hematoma segmentation for central runs and federated rounds.
 
-    from common.training import train_segmentation, evaluate_segmentation
+    from common.training.segmentation import train_segmentation
     result = train_segmentation(model, train_samples, epochs=1, steps_per_epoch=50, patch_size=(16, 64, 64))
 
 Submodules: ``settings`` (profile [segmentation] section), ``patches`` (foreground-oversampled
 patches), ``augment``, ``losses`` (deep-supervised DiceCE, FedProx term), ``evaluation``, ``checkpoint``
-(safetensors + architecture JSON) and ``central`` (the `hemex train-seg` run). Whole-volume
-prediction and its post-processing live in ``common.inference``.
+(safetensors + architecture JSON), ``central`` (the `hemex train-seg` run), ``privacy`` (DP-SGD)
+and ``classification`` (the HE classifier). Whole-volume prediction and its post-processing live
+in ``common.inference``. The package imports no submodule itself: a ClientApp process that only
+reads scans does not pay for MONAI and the networks.
 """
-
-from common.training.checkpoint import architecture, build_model, load_checkpoint, save_checkpoint
-from common.training.evaluation import evaluate_segmentation
-from common.inference.segmentation import check_volume, predict_mask, predict_probabilities
-from common.training.segmentation import TrainResult, train_segmentation
-from common.training.settings import SegmentationSettings
-
-__all__ = [
-    "SegmentationSettings",
-    "TrainResult",
-    "architecture",
-    "build_model",
-    "check_volume",
-    "evaluate_segmentation",
-    "load_checkpoint",
-    "predict_mask",
-    "predict_probabilities",
-    "save_checkpoint",
-    "train_segmentation",
-]

@@ -23,8 +23,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -69,6 +67,8 @@ def epsilon(dp: DPSettings, sample_rate: float, steps: int) -> float:
     """Epsilon (RDP accountant) of `steps` DP-SGD steps at this sample rate, for dp.delta."""
     if steps <= 0:
         return 0.0
+    from opacus.accountants import RDPAccountant  # Opacus is loaded only where DP-SGD runs
+
     accountant = RDPAccountant()
     accountant.history = [(dp.noise_multiplier, sample_rate, steps)]
     return float(accountant.get_epsilon(dp.delta))
@@ -102,6 +102,8 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
     for module in model.modules():
         if isinstance(module, (DropPath, nn.Dropout)):
             module.eval()
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG and functorch fallbacks
