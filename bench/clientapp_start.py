@@ -50,12 +50,16 @@ def run_python(code: str) -> tuple[float, str, str]:
 PACKAGES = ("torch", "monai", "flwr", "timm", "scipy", "SimpleITK", "sklearn", "matplotlib", "numpy", "safetensors")
 
 
-def import_times(repeats: int) -> tuple[float, list[tuple[str, float]]]:
-    """Best wall time of `import client.app` in a fresh process, and the cumulative import time of
+# What a message's process imports: the app (its handler table), then the handler's own module.
+HANDLER_MODULES = ("client.app", "client.segmentation", "client.classifier", "client.synthesis", "client.pretraining")
+
+
+def import_times(repeats: int, module: str = "client.app") -> tuple[float, list[tuple[str, float]]]:
+    """Best wall time of importing `module` in a fresh process, and the cumulative import time of
     the libraries it pulls in (each counted where it is first imported)."""
     best, slowest = float("inf"), []
     for _ in range(repeats):
-        seconds, _, stderr = run_python(["-X", "importtime", "-c", "import client.app"])
+        seconds, _, stderr = run_python(["-X", "importtime", "-c", f"import {module}"])
         if seconds < best:
             best = seconds
             rows = []
@@ -90,6 +94,10 @@ def main(argv=None) -> int:
           "(nested: torch is inside monai's time):")
     for name, seconds in slowest:
         print(f"  {name:40s} {seconds:6.2f} s")
+    print("a message's process also imports its handler's module (on the first message it handles):")
+    for module in HANDLER_MODULES[1:]:
+        seconds, libraries = import_times(args.repeats, module)
+        print(f"  {module:40s} {seconds:6.2f} s ({', '.join(n for n, _ in libraries[:3])} the slowest)")
     work = Path(tempfile.mkdtemp(prefix="hemex-start-"))
     try:
         cold = warm = None
