@@ -186,7 +186,8 @@ def federation_settings(args, console) -> tuple[FederationSettings, str | None]:
         data_root=str(data.resolve()), centers=tuple(train) + tuple(test), test_centers=tuple(test),
         profile=args.profile, seed=args.seed, strategy=args.strategy, proximal_mu=args.proximal_mu, fedbn=args.fedbn,
         dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
-        seg_rounds=args.seg_rounds, seg_epochs=args.seg_epochs, cls_rounds=args.cls_rounds, cls_epochs=args.cls_epochs,
+        seg_rounds=args.seg_rounds, seg_epochs=args.seg_epochs, ssl_rounds=args.ssl_rounds, cls_rounds=args.cls_rounds,
+        cls_epochs=args.cls_epochs,
         synthesis=args.synthesis, min_aggregate_cases=args.min_aggregate_cases, resume=not args.fresh,
         bundle_key=str(Path(args.bundle_key).resolve()) if args.bundle_key else "",
         out_dir=str((Path(args.out) / "federation").resolve()))
@@ -294,6 +295,8 @@ def federation_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--dp-clipping-norm", type=float, default=1.0, help="L2 bound of each site's update under DP")
     p.add_argument("--seg-rounds", type=int, default=3)
     p.add_argument("--seg-epochs", type=int, default=2, help="local segmentation epochs per round")
+    p.add_argument("--ssl-rounds", type=int, default=0,
+                   help="rounds of federated self-supervised pretraining of the classifier's encoder (0: none)")
     p.add_argument("--cls-rounds", type=int, default=3)
     p.add_argument("--cls-epochs", type=int, default=4, help="local classifier epochs per round")
     p.add_argument("--synthesis", default="1:2", help="on-site synthetic HE ROIs to reach HE:NHE = 1:2, 1:1, or none")
