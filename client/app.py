@@ -9,7 +9,8 @@ Handlers (message type -> what the site does on its own data):
   evaluate.ssl   its reconstruction loss on the site's validation cases (an aggregate)
   query.synth    on-site generator training, generation and memorization audit; the synthetic
                  HE ROIs stay in the site's work folder
-  train.cls      local HE-classifier training on ROIs (+ the site's own synthetic HE ROIs)
+  train.cls      a round of local HE-classifier training on ROIs (+ the site's own synthetic HE ROIs)
+  train.cls_alone a whole local classifier run (the local-only and centralized arms)
   evaluate.cls   classifier metrics on local cases; ROIs from reference masks or from the
                  federated segmentation model; validation logits only as class histograms
                  (the baseline arms, logistic regressions on the NCCT markers, are scored here too)
@@ -62,5 +63,6 @@ app.train("ssl")(handler("pretraining", "train_ssl"))
 app.evaluate("ssl")(handler("pretraining", "evaluate_ssl"))
 app.query("synth")(handler("synthesis", "synthesize"))
 app.train("cls")(handler("classifier", "train_cls"))
+app.train("cls_alone")(handler("classifier", "train_cls_alone"))
 app.evaluate("cls")(handler("classifier", "evaluate_cls"))
 app.train("baseline")(handler("baselines", "train_baseline"))

@@ -42,17 +42,27 @@ def synthetic_rois(site: Site):
 
 
 def train_cls(message: Message, context: Context) -> Message:
-    """One federated round (the strategy's messages), or, with config `epochs`, a whole local
-    training run from the given weights (the local-only and centralized arms)."""
+    """One federated round of the classifier (the strategy's messages)."""
+    return train_classifier_message(message, context, alone=False)
+
+
+def train_cls_alone(message: Message, context: Context) -> Message:
+    """A whole local training run from the given weights, config `epochs` long (the local-only and
+    centralized arms: a site, or the pooled node, training by itself)."""
+    return train_classifier_message(message, context, alone=True)
+
+
+def train_classifier_message(message: Message, context: Context, alone: bool) -> Message:
     started = time.perf_counter()
     site = site_from_context(context.node_config, context.run_config)
     config = message.content["config"]
-    server_round = global_round(config)
+    # A local run draws the seeds of a federated first round: the arms differ in their data, not their luck.
+    server_round = 1 if alone else global_round(config)
     seed = site.round_seed("cls", server_round)
     arm = str(config.get("arm", "federated"))
     model = cls_model(site)
     # FedBN keeps norm layers per arm; a whole local run has no global model to mix with.
-    fedbn = site.settings.fedbn and "epochs" not in config
+    fedbn = site.settings.fedbn and not alone
     local_keys = receive_global(model, message.content["arrays"], context, state_stage(arm), fedbn)
     dataset, fit, _ = site.roi_dataset(training_mask_provider(site, message))
     use_synthetic = (bool(config.get("use-synthetic", site.settings.synthesis != "none"))
@@ -60,14 +70,14 @@ def train_cls(message: Message, context: Context) -> Message:
     extra, extra_masks = synthetic_rois(site) if use_synthetic else (None, None)
     settings = site.settings
     n_extra = 0 if extra is None else len(extra)  # synthetic ROIs are all HE
-    if "epochs" not in config and not 0 < sum(r.he == 1 for r in fit) + n_extra < len(fit) + n_extra:
+    if not alone and not 0 < sum(r.he == 1 for r in fit) + n_extra < len(fit) + n_extra:
         # A federated round at a site whose training cases hold one class (a small hospital with
         # no HE case): nothing to learn about HE vs not, so it returns the global weights with
         # weight 0. A local-only arm there fails instead: it would have no model to report.
         return skip_round(message, model, settings, len(dataset.excluded), started)
     dp = (DPSettings(settings.dp_sgd_noise_multiplier, settings.dp_sgd_max_grad_norm, settings.dp_sgd_delta)
           if settings.dp_sgd_noise_multiplier > 0 else None)
-    schedule = (Schedule(int(config["epochs"])) if "epochs" in config else
+    schedule = (Schedule(int(config["epochs"])) if alone else
                 round_schedule(fit, site.cls, dp is not None, settings.cls_epochs, server_round, settings.cls_rounds))
     dp_key = f"{state_stage(arm)}-dp-steps"  # the site's DP-SGD steps so far: its epsilon covers every round
     metrics = train_at_site(model, fit, schedule, settings=site.cls, windows=site.profile["preprocess"]["windows"],

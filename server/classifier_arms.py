@@ -114,8 +114,8 @@ def train_alone(run: "FederatedRun", initial: ArrayRecord, arms: dict[str, tuple
             todo[arm] = (center, synthetic)
     if todo:
         messages = {arm: Message(RecordDict({"arrays": initial, **attach, "config": ConfigRecord(
-            {"server-round": 1, "epochs": epochs, "arm": arm, "use-synthetic": synthetic})}),
-            dst_node_id=run.centers[center], message_type="train.cls") for arm, (center, synthetic) in todo.items()}
+            {"epochs": epochs, "arm": arm, "use-synthetic": synthetic})}),
+            dst_node_id=run.centers[center], message_type="train.cls_alone") for arm, (center, synthetic) in todo.items()}
         replies = run.exchange(messages)
         for arm, reply in replies.items():
             problem = reply if isinstance(reply, str) else train_reply_problem(

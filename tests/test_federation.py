@@ -384,9 +384,9 @@ def test_a_site_with_one_class_or_too_few_he_cases_takes_part_without_failing(ti
     two_class = dict(call_client(client_app.app, "evaluate.cls", validation, 1, settings).content["metrics"])
     assert set(one_class) == set(two_class) and np.isnan(one_class["auc"])
 
-    local = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1, "epochs": 1, "arm": "local-center1"})})
-    failed = call_client(client_app.app, "train.cls", local, 0, settings)  # the site's log has "needs both classes"
-    assert failed.error.reason.startswith("DataError: site error in train.cls at training.py:")  # common/training/classification/training.py
+    local = RecordDict({"arrays": initial, "config": ConfigRecord({"epochs": 1, "arm": "local-center1"})})
+    failed = call_client(client_app.app, "train.cls_alone", local, 0, settings)  # the site's log: "needs both classes"
+    assert failed.error.reason.startswith("DataError: site error in train.cls_alone at training.py:")  # common/training/classification/training.py
 
 
 @pytest.mark.slow
