@@ -78,7 +78,7 @@ def evaluate_seg(message: Message, context: Context) -> Message:
         # The Dice distribution travels as its five-number summary, never as per-case values.
         metrics.update({"dice": dice["mean"], "iou": overall["iou"]["mean"],
                         "hd95-mm": _finite(overall["hd95_mm"]["median"]),
-                        "abs-vol-err-ml": volume["median"], "vol-mae-ml": volume["mean"],
+                        "vol-median-ml": volume["median"], "vol-mae-ml": volume["mean"],
                         **{f"dice-{q}": dice[q] for q in ("min", "q25", "median", "q75", "max")}})
         if "dice_native" in overall:
             metrics.update({"dice-native": overall["dice_native"]["mean"],

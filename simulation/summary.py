@@ -15,14 +15,14 @@ def print_federation_summary(report: dict, console: Console | None = None) -> No
     seg = report["stages"].get("seg", {}).get("final", {})
     cls = report["stages"].get("cls", {}).get("final", {})
     table = Table(title="federation: final models at every centre (held-out centres never trained)")
-    for column in ("centre", "role", "seg n", "Dice", "IoU", "HD95 mm", "|dV| mL", "cls n", "HE", "AUC", "Brier",
+    for column in ("centre", "role", "seg n", "Dice", "IoU", "HD95 mm", "|dV| median mL", "cls n", "HE", "AUC", "Brier",
                    "sens", "spec"):
         table.add_column(column, justify="left" if column in ("centre", "role") else "right")
     for center, info in report.get("centers", {}).items():
         s, c = seg.get(center, {}), cls.get(center, {})
         table.add_row(center, "external" if info.get("role") == "test" else "train-val",
                       str(s.get("num-examples", "-")), _fmt(s.get("dice")), _fmt(s.get("iou")),
-                      _fmt(s.get("hd95-mm"), 1), _fmt(s.get("abs-vol-err-ml"), 2), str(c.get("num-examples", "-")),
+                      _fmt(s.get("hd95-mm"), 1), _fmt(s.get("vol-median-ml"), 2), str(c.get("num-examples", "-")),
                       str(c.get("num-he", "-")), _fmt(c.get("auc")), _fmt(c.get("brier")), _fmt(c.get("sensitivity"), 2),
                       _fmt(c.get("specificity"), 2))
     console.print(table)

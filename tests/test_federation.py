@@ -253,7 +253,7 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     metrics = dict(evaluation.content["metrics"])
     assert metrics["num-examples"] == 10 and 0.0 <= metrics["dice"] <= 1.0
     # Aggregates only, named and fixed in number whatever the case count (no per-case values).
-    assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "abs-vol-err-ml", "vol-mae-ml", "dice-min",
+    assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "vol-median-ml", "vol-mae-ml", "dice-min",
                             "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "vol-mae-native-ml",
                             "vol-median-native-ml", "dice-native-small", "n-small"}
     synth_settings = settings_for(tiny, tmp_path, synthesis="1:1")  # a ratio that needs synthetic ROIs
