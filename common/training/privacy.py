@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -34,7 +33,7 @@ from common.files import seed_everything
 from common.networks.vit import marker_inputs
 from common.training.classification.rois import case_markers, roi_array
 from common.training.classification.settings import ClassifierSettings
-from common.training.classification.training import augment_batch, lr_at, make_optimizer
+from common.training.classification.training import augment_batch, he_loss, make_optimizer, optimizer_step, set_schedule
 
 
 @dataclass(frozen=True)
@@ -127,16 +126,10 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
                         continue
                     if settings.augment:
                         xb = augment_batch(xb, settings, generator, widths)
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["base_lr"] * lr_at(schedule_offset + step, total, settings.warmup_fraction)
+                    set_schedule(optimizer, schedule_offset + step, total, settings.warmup_fraction)
                     out = private(xb, fb) if n_markers else private(xb)
-                    loss = F.binary_cross_entropy_with_logits(out[:, 0], yb, pos_weight=pos_weight)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"DP-SGD classifier loss became {loss.item()} at step {step}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
+                    # Opacus clips per patient and adds the noise inside optimizer.step: no norm clip here.
+                    losses.append(optimizer_step(optimizer, he_loss(out, yb, pos_weight), step))
                     step += 1
     finally:
         private._close()  # detach Opacus' hooks: `model` is a plain module again

@@ -187,6 +187,31 @@ def lr_at(step: int, total: int, warmup_fraction: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def set_schedule(optimizer: torch.optim.Optimizer, step: int, total: int, warmup_fraction: float) -> None:
+    """Every parameter group at its base rate times the schedule's factor at `step` of `total`."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_at(step, total, warmup_fraction)
+
+
+def he_loss(out: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """The HE loss of a batch: class-weighted BCE on output 0 (further outputs are auxiliary heads)."""
+    return F.binary_cross_entropy_with_logits(out[:, 0], labels, pos_weight=pos_weight)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, clip_params=None,
+                   clip: float = 0.0) -> float:
+    """Backpropagate `loss` and step (gradient norm clipped to `clip` when > 0); a non-finite loss
+    stops training with the step it happened at. The one step of plain and DP-SGD training."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"classifier loss became {loss.item()} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        nn.utils.clip_grad_norm_(clip_params, clip)
+    optimizer.step()
+    return loss.item()
+
+
 def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, seed: int = 0, extra_he_rois=None,
                      proximal_mu: float = 0.0, global_params: dict[str, torch.Tensor] | None = None, *,
                      settings: ClassifierSettings | None = None, extra_he_masks=None,
@@ -267,28 +292,20 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
         if settings.augment:
             xb = augment_batch(xb, settings, generator, widths)
         xb, yb = xb.to(device), yb.to(device)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_at(schedule_offset + step, schedule_total, settings.warmup_fraction)
+        set_schedule(opt, schedule_offset + step, schedule_total, settings.warmup_fraction)
         out = model(xb) if f_all is None else model(xb, f_all[idx].to(device))
-        loss = F.binary_cross_entropy_with_logits(out[:, 0], yb, pos_weight=pos_weight.to(device))
+        loss = he_loss(out, yb, pos_weight.to(device))
         if aux is not None:
             known = aux_known[idx].to(device)
             err = (out[:, 1:] - aux[idx].to(device)) ** 2 * known[:, None]
             loss = loss + settings.aux_weight * err.sum() / max(float(known.sum()) * aux.shape[1], 1.0)
         if anchor is not None:
             loss = loss + proximal_mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"classifier loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
+        losses.append(optimizer_step(opt, loss, step, model.parameters(), settings.grad_clip))
         if ema is not None:
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.mul_(settings.ema).add_(pm.detach(), alpha=1 - settings.ema)
-        losses.append(loss.item())
         step += 1
         if step % steps_per_epoch == 0 or step == total:
             epoch += 1
