@@ -36,7 +36,7 @@ from common.files import seed_everything  # noqa: E402
 from common.metrics.classification import auc  # noqa: E402
 from common.training.classification.prediction import case_logits  # noqa: E402
 from common.training.classification.pretraining import (MaskedImageModel, PretrainingSettings, encoder_features,  # noqa: E402
-                                                        pretrain, with_slices)
+                                                        pretrain)
 from common.training.classification.rois import build_roi_dataset, key, roi_array  # noqa: E402
 from common.training.classification.settings import ClassifierSettings, create_model  # noqa: E402
 from common.training.classification.training import Budget, augment_batch, train_classifier  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
     external = build_roi_dataset([c for k in test for c in cohort[k]], cls, windows=windows, with_markers=True)
     slices = {}
     for k in train:
-        dataset = build_roi_dataset(cohort[k], with_slices(cls, pre.slices_per_case), windows=windows,
+        dataset = build_roi_dataset(cohort[k], replace(cls, k_slices=pre.slices_per_case), windows=windows,
                                     require_label=False, with_markers=False)
         slices[k] = np.concatenate([roi_array(r, cls.mask_channel) for r in dataset.cases])
     unlabelled = sum(c.he is None for k in train for c in cohort[k])

@@ -9,6 +9,7 @@ Samples are cached per process, so later rounds do not re-read scans.
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from common.data.preprocess import DEFAULT_WINDOWS
 from common.errors import ConfigError, HemexError
 from common.federation.settings import POOLED, FederationSettings
 from common.training.classification.roi_cache import cached_reference_rois
-from common.training.classification.pretraining import PretrainingSettings, with_slices
+from common.training.classification.pretraining import PretrainingSettings
 from common.training.classification.rois import build_roi_dataset, roi_array, stratified_split
 from common.training.classification.settings import ClassifierSettings
 from common.training.settings import SegmentationSettings
@@ -39,11 +40,11 @@ class Site:
         # Site-private reusable work (trained generators, keyed by their inputs), kept across runs.
         self.cache_dir = Path(cache_dir) if cache_dir else (
             Path(settings.cache_dir or Path(settings.out_dir) / "site-cache") / center)
-        self.cls = ClassifierSettings.from_profile(load_profile(settings.profile))
-        self.pretraining = PretrainingSettings.from_profile(load_profile(settings.profile))
+        self.profile = load_profile(settings.profile)
+        self.cls = ClassifierSettings.from_profile(self.profile)
+        self.pretraining = PretrainingSettings.from_profile(self.profile)
         self._rois = {}  # mask source -> (dataset, fit, val)
         self._pretraining_slices = {}  # split -> (slices, cases)
-        self.profile = load_profile(settings.profile)
         overrides = {"model": settings.seg_model} if settings.seg_model else {}
         self.seg = SegmentationSettings.from_profile(self.profile, **overrides)
         preprocess = self.profile["preprocess"]
@@ -105,7 +106,7 @@ class Site:
         mask, labelled or not, `slices_per_case` slices each; cached like the classifier's ROIs."""
         if split not in self._pretraining_slices:
             cases = self.fit_cases if split == "fit" else self.val_cases
-            settings = with_slices(self.cls, self.pretraining.slices_per_case)
+            settings = replace(self.cls, k_slices=self.pretraining.slices_per_case)
             dataset = cached_reference_rois(
                 self.cache_dir / "rois", cases, settings, DEFAULT_WINDOWS, False,
                 lambda: build_roi_dataset(cases, settings, require_label=False, with_markers=False), require_label=False)

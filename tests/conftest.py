@@ -101,6 +101,18 @@ def enhanced_dicom(series, folder, drop: int | None = None):
 
 
 @pytest.fixture
+def site_replies(monkeypatch) -> list:
+    """Every reply content hemex's ClientApp sends in this test, as it passes the whitelist."""
+    import client.messages as client_messages
+
+    replies = []
+    check = client_messages.check_reply
+    monkeypatch.setattr(client_messages, "check_reply",
+                        lambda content, model=None: replies.append(content) or check(content, model))
+    return replies
+
+
+@pytest.fixture
 def task_identity():
     """Messages outside a Flower runtime need a task identity; restore it afterwards."""
     from flwr.supercore.task_identity import TaskIdentity

@@ -91,14 +91,13 @@ def test_the_scoring_bound_counts_the_two_baseline_arms_once():
 
 @pytest.mark.slow
 def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_differences(
-        tiny_cohort, tmp_path, monkeypatch, task_identity):
+        tiny_cohort, tmp_path, monkeypatch, task_identity, site_replies):
     """Tiny cohort, one federated classifier round and the two baseline arms: the baselines are
     fitted over the training sites' replies (moments, then Newton sums), scored at the held-out
     centres on the same segmentation masks as the classifier (a stand-in here: thresholded blood
     density, main lesion kept, since a smoke-trained model finds nothing), and reach metrics.json,
     the terminal table and the report with finite AUCs and paired DeLong differences."""
     import client.classifier as client_classifier
-    import client.messages as client_messages
     from rich.console import Console
 
     from common.federation.records import to_record
@@ -113,10 +112,7 @@ def test_a_study_scores_both_baseline_arms_beside_the_classifier_with_paired_dif
         return lambda s: keep_main_lesion(((s.hu >= 50) & (s.hu <= 90)).astype(np.uint8), s.spacing, 20.0)
 
     monkeypatch.setattr(client_classifier, "segmentation_mask_provider", blood_threshold)
-    replies = []
-    real_check = client_messages.check_reply
-    monkeypatch.setattr(client_messages, "check_reply", lambda content, model=None: replies.append(content)
-                        or real_check(content, model))
+    replies = site_replies
     settings = FederationSettings(
         data_root=str(tiny_cohort), centers=("center1", "center2", "center3", "center4", "center5"),
         test_centers=("center4", "center5"), profile="smoke", seg_rounds=1, cls_rounds=1, synthesis="none",

@@ -225,17 +225,13 @@ def call_client(app, message_type: str, content: RecordDict, partition: int, set
 
 
 @pytest.mark.slow
-def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, monkeypatch):
+def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, site_replies):
     import client.app as client_app
-    import client.messages as client_messages
     from client.classifier import cls_model
     from client.segmentation import seg_model
     from client.site import Site
 
-    checked = []
-    real_check = client_messages.check_reply
-    monkeypatch.setattr(client_messages, "check_reply", lambda content, keys=None: checked.append(content)
-                        or real_check(content, keys))
+    checked = site_replies
     settings = settings_for(tiny, tmp_path)
     weights = ArrayRecord(seg_model(Site("center1", tiny / "center1", settings)).state_dict())
     info = call_client(client_app.app, "query.info", RecordDict({"config": ConfigRecord({})}), 0, settings)

@@ -74,15 +74,12 @@ def test_masks_blank_the_stated_share_and_bad_settings_are_one_line_errors():
 
 @pytest.mark.slow
 def test_the_federated_stage_pretrains_at_the_sites_and_the_classifier_starts_from_it(tiny_cohort, tmp_path,
-                                                                                       monkeypatch, task_identity):
-    import client.messages as client_messages
+                                                                                       monkeypatch, task_identity,
+                                                                                       site_replies):
     from server.classifier_arms import train_arms
     from server.run import FederatedRun
 
-    replies = []
-    real_check = client_messages.check_reply
-    monkeypatch.setattr(client_messages, "check_reply", lambda content, model=None: replies.append(content)
-                        or real_check(content, model))
+    replies = site_replies
     settings = FederationSettings(
         data_root=str(tiny_cohort), centers=("center1", "center2", "center3", "center4", "center5"),
         test_centers=("center4", "center5"), profile="smoke", seg_rounds=1, ssl_rounds=2, cls_rounds=1,

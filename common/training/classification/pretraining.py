@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -170,7 +170,3 @@ def encoder_features(classifier: nn.Module, rois: Sequence[np.ndarray]) -> np.nd
         out.append(torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=1).mean(0).numpy())
     return np.stack(out) if out else np.zeros((0, 0))
 
-
-def with_slices(settings, slices_per_case: int):
-    """Classifier settings that cut `slices_per_case` ROI slices per case (the pretraining inputs)."""
-    return replace(settings, k_slices=int(slices_per_case))
