@@ -1,10 +1,11 @@
 """On-site synthesis: how much realism costs (--curve), and whether synthetic HE ROIs help the ViT.
 
 Learning curves (--curve): each training centre's generator, trained on that centre's HE ROIs as
-`hemex synth` and the federation train it, for each approach (GEN-OBJECTIVE, e.g. ukan-flow,
-ukan-epsilon, unet-flow); after every checkpoint the EMA model samples as many candidates as
-the site would need, and the bench reports training seconds, the realism gate's MMD^2 and
-threshold, k-NN precision/recall and the memorization audit's NN distance ratio.
+`hemex synth` and the federation train it, for each approach (GEN-OBJECTIVE[-mask], e.g. ukan-flow,
+ukan-epsilon, unet-flow, ukan-flow-mask: generated around the site's own HE masks); after every
+checkpoint the EMA model samples as many candidates as the site would (what it needs, at least
+the gate's realism_samples), and the bench reports training seconds, the realism gate's MMD^2
+and threshold, k-NN precision/recall and the memorization audit's NN distance ratio.
 
     .venv/bin/python bench/synth_bench.py --curve --data runs/paper-seed1/cohort-paper-seed1 --out runs/bench-curve
 
@@ -62,13 +63,15 @@ def main(argv=None) -> int:
     parser.add_argument("--cls-steps", type=int, default=None, help="ViT optimizer steps per arm (default: profile epochs "
                         "on the real set, converted to steps)")
     parser.add_argument("--arms", default="none,ukan:1:2,ukan:1:1,unet:1:2,unet:1:1",
-                        help="comma-separated arms: none | GEN:RATIO with GEN ukan, unet, copy or noise; a '#N' suffix "
+                        help="comma-separated arms: none | GEN:RATIO with GEN ukan, unet (generating the mask), ukan-mask, "
+                             "unet-mask (drawing around the site's HE masks), copy or noise; a '#N' suffix "
                              "trains that arm's classifier with seed + N (e.g. none#1: the seed-to-seed spread)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/bench-synth")
     parser.add_argument("--curve", action="store_true", help="learning curves per training centre instead of the ablation")
     parser.add_argument("--approaches", default="ukan-flow,ukan-epsilon,ukan-v",
-                        help="--curve: comma-separated GEN-OBJECTIVE (GEN ukan or unet; OBJECTIVE flow, epsilon or v)")
+                        help="--curve: comma-separated GEN-OBJECTIVE[-mask] (GEN ukan or unet; OBJECTIVE flow, epsilon or v; "
+                             "-mask: generated around the site's HE masks)")
     parser.add_argument("--checkpoints", default="100,200,400,600,800,1200",
                         help="--curve: training steps after which the generator is sampled and scored")
     args = parser.parse_args(argv)
@@ -142,7 +145,10 @@ def main(argv=None) -> int:
         # One generator per training centre, as the federation trains them (synthesize(): the
         # site's HE ROIs, its own need at the largest ratio asked for, the memorization audit and
         # the realism gate); the smaller ratio takes the first accepted samples of each site's set.
-        settings = syn.with_overrides(generator=kind, ratio=largest_ratio)
+        # KIND is ukan or unet, generating the mask too, or ukan-mask / unet-mask, drawing around the
+        # site's own HE masks (mask_condition), whatever the profile says.
+        settings = syn.with_overrides(generator=kind.removesuffix("-mask"), ratio=largest_ratio,
+                                      mask_condition=kind.endswith("-mask"))
         images, masks, record = [], [], {}
         for center in train_centers:
             rois = load_center_rois(Path(args.data), center, settings, windows, include_nhe=True)
@@ -235,9 +241,9 @@ def setup(args) -> tuple[Path, dict, list]:
 def learning_curves(args) -> int:
     """Quality against training time for each approach at each training centre (see the module note)."""
     from common.synthesis.audit import feature_distance, memorization_audit, realism_verdict
-    from common.synthesis.diffusion import sample, train_generator
+    from common.synthesis.diffusion import train_generator
     from common.synthesis.ratio import synthetic_needed
-    from common.synthesis.run import generator_inputs, load_center_rois
+    from common.synthesis.run import generate, generator_inputs, load_center_rois
     from common.synthesis.settings import synthesis_settings
 
     started = time.time()
@@ -250,15 +256,17 @@ def learning_curves(args) -> int:
         he = rois.labels == 1
         real_he, real_nhe = rois.images[he], rois.images[~he]
         k = base.slices_per_case
-        n = max(2, int(math.ceil(synthetic_needed(rois.n_he_cases * k, rois.n_nhe_cases * k, base.ratio)
-                                 * base.oversample)))
+        # As synthesize(): the candidates the site needs, at least realism_samples for the gate's MMD^2.
+        n = max(base.realism_samples, int(math.ceil(synthetic_needed(rois.n_he_cases * k, rois.n_nhe_cases * k,
+                                                                     base.ratio) * base.oversample)))
         class_distance = feature_distance(real_he, real_nhe, seed=0)["real_vs_synthetic"] if len(real_nhe) >= 2 \
             else None
         log(f"{center}: {int(he.sum())} HE ROIs, {n} candidates per checkpoint, real NHE vs HE MMD^2 {class_distance}")
         for approach in [a for a in args.approaches.split(",") if a]:
-            generator, _, objective = approach.partition("-")
+            # GEN-OBJECTIVE[-mask]: "-mask" generates around the site's HE masks (mask_condition).
+            generator, _, objective = approach.removesuffix("-mask").partition("-")
             settings = base.with_overrides(generator=generator, objective=objective or base.objective,
-                                           train_steps=max(checkpoints))
+                                           train_steps=max(checkpoints), mask_condition=approach.endswith("-mask"))
             inputs = generator_inputs(rois, settings)
             # As synthesize(): all labelled ROIs with their labels (sampled as HE) or the HE ROIs alone.
             inputs, labels = (inputs, rois.labels) if settings.conditional else (inputs[he], None)
@@ -269,7 +277,7 @@ def learning_curves(args) -> int:
                     return
                 timing["train"] += time.perf_counter() - timing["last"]
                 t0 = time.perf_counter()
-                candidates = sample(trained, n, seed=args.seed + 1)[:, : real_he.shape[1]]
+                candidates = generate(trained, n, args.seed + 1, rois.masks[he])[:, : real_he.shape[1]]
                 sample_seconds = time.perf_counter() - t0
                 distance = feature_distance(real_he, candidates, seed=0)
                 distance["real_nhe_vs_real_he"] = class_distance

@@ -352,3 +352,77 @@ def test_precision_recall_separate_fidelity_from_diversity():
     far = rng.normal(loc=10.0, size=(200, 4))  # nowhere near the real data
     assert precision_recall(real, far) == (0.0, 0.0)
     assert np.isnan(precision_recall(real[:3], far)[0])
+
+
+# ---------------------------------------------------------------------------------------------- mask conditioning
+
+def test_sampling_masks_are_moved_site_shapes_reproducible_per_seed():
+    from common.synthesis.shapes import SCALE, sampling_masks
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    # Elongated ellipses pointing one way: a rotation or mirror is visible in the second moments.
+    masks = np.stack([((yy - 16) / 4.0) ** 2 + ((xx - 16 - d) / 9.0) ** 2 <= 1 for d in (-1, 0, 1)]).astype(np.uint8)
+    moved = sampling_masks(masks, 40, seed=3)
+    assert moved.shape == (40, 32, 32) and moved.dtype == np.uint8 and set(np.unique(moved)) <= {0, 1}
+    np.testing.assert_array_equal(moved, sampling_masks(masks, 40, seed=3))
+    assert not np.array_equal(moved, sampling_masks(masks, 40, seed=4))
+    area = moved.reshape(40, -1).sum(1) / masks.reshape(3, -1).sum(1).mean()
+    assert area.min() >= (1 - SCALE) ** 2 - 0.1 and area.max() <= (1 + SCALE) ** 2 + 0.1
+    assert area.std() > 0.05  # scaled, not only copied
+    copies = sum(any(np.array_equal(m, real) for real in masks) for m in moved)
+    assert copies <= 2  # rotated / scaled: almost never one patient's outline as it was
+    # Every shape stays centred where the ROI centres its hematoma.
+    centroid = np.array([[(yy * m).sum() / m.sum(), (xx * m).sum() / m.sum()] for m in moved])
+    assert np.abs(centroid - 15.5).max() < 2.5
+    with pytest.raises(ValueError, match="masks must be"):
+        sampling_masks(masks[0], 4, seed=0)
+
+
+def test_a_mask_conditioned_generator_draws_its_image_around_the_given_mask():
+    """Planted data: the image is bright exactly where the mask is. After a short training the
+    generated images must be brighter inside the given (new) masks than outside them, by a margin."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:16, 0:16]
+
+    def discs(n):
+        centres = rng.uniform(5, 11, (n, 2))
+        radii = rng.uniform(2.5, 4.5, n)
+        return np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r for (cy, cx), r in zip(centres, radii)]).astype(np.float32)
+
+    masks = discs(24)
+    images = np.clip(0.2 + 0.6 * masks[:, None] + rng.normal(0, 0.03, (24, 3, 16, 16)), 0, 1).astype(np.float32)
+    settings = SynthesisSettings(**{**TINY, "train_steps": 150, "sample_steps": 10}, mask_condition=True,
+                                 learning_rate=2e-3, ema_decay=0.9)
+    trained = train_generator(np.concatenate([images, masks[:, None]], axis=1), settings, seed=0)
+    assert trained.condition_channels == 1 and trained.image_shape == (3, 16, 16)
+    given = discs(8)[:, None]
+    out = sample(trained, 8, seed=1, conditions=given)
+    assert out.shape == (8, 3, 16, 16)
+    inside = (out.mean(1) * given[:, 0]).sum((1, 2)) / given[:, 0].sum((1, 2))
+    outside = (out.mean(1) * (1 - given[:, 0])).sum((1, 2)) / (1 - given[:, 0]).sum((1, 2))
+    assert (inside - outside).min() > 0.3  # planted contrast 0.6
+    with pytest.raises(ValueError, match="mask-conditioned"):
+        sample(trained, 8, seed=1)
+
+
+def test_mask_condition_needs_the_mask_channel():
+    with pytest.raises(ConfigError, match="mask_condition"):
+        synthesis_settings({"name": "t", "synthesis": {"mask_condition": True, "with_mask": False}})
+
+
+def test_a_mask_conditioned_site_keeps_its_shapes_and_its_cache(tmp_path):
+    from common.synthesis.run import CenterROIs, synthesize
+
+    images = smooth_images(12, seed=1, size=16)
+    masks = (images[:, 1] > 0.5).astype(np.uint8)
+    rois = CenterROIs(images, masks, np.array([1] * 6 + [0] * 6), np.array([f"c{i // 2}" for i in range(12)]),
+                      n_he_cases=3, n_nhe_cases=3, skipped=[])
+    settings = SynthesisSettings(**TINY, ratio="1:1", realism_gate=False, mask_condition=True)
+    first, extra = synthesize(rois, settings, seed=0, n_needed=4, log=lambda _m: None, cache_dir=tmp_path)
+    assert extra["candidates"].shape[1] == 3 and first.masks is not None
+    # The kept masks are the site's HE shapes, moved: about their size, not generated noise.
+    assert 0.3 < first.masks.mean() / masks[:6].mean() < 3
+    again, _ = synthesize(rois, settings, seed=0, n_needed=4, log=lambda _m: None, cache_dir=tmp_path)
+    assert again.audit["training"]["cached"] is True
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.masks, first.masks)

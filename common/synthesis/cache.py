@@ -65,14 +65,15 @@ def load_generator(cache_dir: Path | None, key: str, settings: SynthesisSettings
             return None
         shape = tuple(int(v) for v in record["image_shape"])
         num_classes = record["num_classes"]
-        model = build_generator(settings, shape[0], num_classes)
+        condition_channels = int(record.get("condition_channels", 0))
+        model = build_generator(settings, shape[0], num_classes, condition_channels)
         model.load_state_dict(load_file(str(weights)))
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return TrainedGenerator(model, settings, shape, num_classes, losses=list(record["losses"]),
+    return TrainedGenerator(model, settings, shape, num_classes, condition_channels, losses=list(record["losses"]),
                             step_seconds=list(record["step_seconds"]), stopped_early=bool(record["stopped_early"]),
                             cached=True)
 
@@ -88,6 +89,7 @@ def save_generator(cache_dir: Path | None, key: str, trained: TrainedGenerator) 
     state = {k: v.contiguous() for k, v in cpu_state(trained.model).items()}
     atomic_write(weights, lambda tmp: save_file(state, tmp), ".safetensors")
     write_json(record_path, {"format": FORMAT, "image_shape": list(trained.image_shape),
-                             "num_classes": trained.num_classes, "losses": trained.losses,
+                             "num_classes": trained.num_classes,
+                             "condition_channels": trained.condition_channels, "losses": trained.losses,
                              "step_seconds": trained.step_seconds, "stopped_early": trained.stopped_early,
                              "torch": torch.__version__})

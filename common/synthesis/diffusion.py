@@ -41,14 +41,15 @@ class MonaiUNetDenoiser(nn.Module):
     self-attention block at the bottleneck) behind the denoiser call convention
     `model(x, timesteps, class_labels=None)`."""
 
-    def __init__(self, in_channels: int, channels=(16, 32, 64), num_classes: int | None = None):
+    def __init__(self, in_channels: int, channels=(16, 32, 64), num_classes: int | None = None,
+                 out_channels: int | None = None):
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
 
         channels = tuple(int(c) for c in channels)
         self.num_classes = num_classes
         self.unet = DiffusionModelUNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=channels,
+            spatial_dims=2, in_channels=in_channels, out_channels=out_channels or in_channels, channels=channels,
             attention_levels=(False,) * len(channels), num_res_blocks=1, norm_num_groups=8,
             num_head_channels=min(32, channels[-1]), num_class_embeds=num_classes)
 
@@ -65,17 +66,20 @@ class MonaiUNetDenoiser(nn.Module):
         return self.unet(x, timesteps, class_labels=None if class_labels is None else class_labels.long())
 
 
-def build_generator(settings: SynthesisSettings, in_channels: int, num_classes: int | None = None) -> nn.Module:
-    """The denoiser named by `settings.generator` ('ukan' or 'unet')."""
+def build_generator(settings: SynthesisSettings, channels: int, num_classes: int | None = None,
+                    condition_channels: int = 0) -> nn.Module:
+    """The denoiser named by `settings.generator` ('ukan' or 'unet') for images of `channels`
+    channels; `condition_channels` more are concatenated to its input (they are given, not generated)."""
+    in_channels = channels + condition_channels
     if settings.generator == "ukan":
         from common.networks.ukan_diffusion import UKANDenoiser
 
-        return UKANDenoiser(in_channels, base_channels=settings.base_channels, channel_mult=settings.channel_mult,
-                            kan_levels=settings.kan_levels, kan_layers=settings.kan_layers,
-                            grid_size=settings.grid_size, spline_order=settings.spline_order,
-                            num_classes=num_classes)
+        return UKANDenoiser(in_channels, channels, base_channels=settings.base_channels,
+                            channel_mult=settings.channel_mult, kan_levels=settings.kan_levels,
+                            kan_layers=settings.kan_layers, grid_size=settings.grid_size,
+                            spline_order=settings.spline_order, num_classes=num_classes)
     if settings.generator == "unet":
-        return MonaiUNetDenoiser(in_channels, settings.unet_channels, num_classes)
+        return MonaiUNetDenoiser(in_channels, settings.unet_channels, num_classes, out_channels=channels)
     raise ConfigError(f"unknown generator {settings.generator!r}; choose ukan or unet")
 
 
@@ -161,8 +165,9 @@ class TrainedGenerator:
 
     model: nn.Module
     settings: SynthesisSettings
-    image_shape: tuple[int, int, int]  # (C, P, P)
+    image_shape: tuple[int, int, int]  # (C, P, P) of what it generates
     num_classes: int | None
+    condition_channels: int = 0  # channels given to it at every step (the mask, with mask_condition)
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     stopped_early: bool = False
@@ -199,6 +204,8 @@ def train_generator(images: np.ndarray, settings: SynthesisSettings, seed: int =
                     checkpoints: Callable[[int, "TrainedGenerator"], None] | None = None) -> TrainedGenerator:
     """Train a denoiser with `settings.objective` on `images` (N, C, P, P) float in [0, 1].
 
+    With `settings.mask_condition` the last channel (the hematoma mask) is not generated: it is
+    given to the denoiser beside the noisy image, which learns the HU windows around a given shape.
     labels: None (unconditional) or (N,) ints in {0, 1} for a class-conditional model.
     progress: called as progress(step, total, loss) after every step.
     checkpoints: called as checkpoints(step, trained_so_far) after every step (the EMA model in eval
@@ -210,6 +217,8 @@ def train_generator(images: np.ndarray, settings: SynthesisSettings, seed: int =
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be (N, C, P, P) with N >= 1, got {images.shape}")
     n, channels, height, width = images.shape
+    condition_channels = 1 if settings.mask_condition else 0
+    channels -= condition_channels
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     num_classes = None
@@ -220,7 +229,7 @@ def train_generator(images: np.ndarray, settings: SynthesisSettings, seed: int =
             raise ValueError(f"labels must be ({n},), got {tuple(y.shape)}")
         num_classes = int(y.max()) + 1 if n else 2
         num_classes = max(num_classes, 2)
-    model = build_generator(settings, channels, num_classes).to(device)
+    model = build_generator(settings, channels, num_classes, condition_channels).to(device)
     multiple = getattr(model, "size_multiple", 1)
     if height % multiple or width % multiple:
         raise ConfigError(f"ROI size {height}x{width} must be divisible by {multiple} for this generator")
@@ -233,7 +242,7 @@ def train_generator(images: np.ndarray, settings: SynthesisSettings, seed: int =
     warmup = max(1, settings.warmup_steps)
     lr_lambda = lambda step: min(1.0, (step + 1) / warmup)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    result = TrainedGenerator(ema, settings, (channels, height, width), num_classes)
+    result = TrainedGenerator(ema, settings, (channels, height, width), num_classes, condition_channels)
     start = time.perf_counter()
     model.train()
     for step in range(settings.train_steps):
@@ -243,7 +252,10 @@ def train_generator(images: np.ndarray, settings: SynthesisSettings, seed: int =
         if settings.hflip:
             flip = torch.rand(settings.batch_size, generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        batch, condition = batch[:, :channels], batch[:, channels:]
         noisy, timesteps, target = training_batch(scheduler, settings, batch, generator)
+        if condition_channels:
+            noisy = torch.cat([noisy, condition], dim=1)
         prediction = model(noisy.to(device), timesteps.to(device), None if y is None else y[index].to(device))
         loss = F.mse_loss(prediction, target.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -272,21 +284,30 @@ def train_generator(images: np.ndarray, settings: SynthesisSettings, seed: int =
 def sample(trained: TrainedGenerator | nn.Module, n: int, seed: int = 0, settings: SynthesisSettings | None = None,
            image_shape: tuple[int, int, int] | None = None, class_label: int | None = None,
            steps: int | None = None, eta: float | None = None, batch_size: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+           progress: Callable[[int, int], None] | None = None, conditions: np.ndarray | None = None) -> np.ndarray:
     """Generate `n` images (n, C, P, P) float32 in [0, 1] (Euler steps for flow, DDIM otherwise).
 
     Deterministic for a given seed (eta = 0 and seeded initial noise). For a class-conditional
-    model, class_label defaults to 1 (HE).
+    model, class_label defaults to 1 (HE). A mask-conditioned generator needs `conditions`
+    (n, 1, P, P) in [0, 1], the masks to generate around; the result is the generated channels only.
     """
+    condition_channels = 0
     if isinstance(trained, TrainedGenerator):
         model, settings = trained.model, settings or trained.settings
         image_shape = image_shape or trained.image_shape
+        condition_channels = trained.condition_channels
         if trained.num_classes and class_label is None:
             class_label = 1
     else:
         model = trained
         if settings is None or image_shape is None:
             raise ValueError("pass settings and image_shape when sampling from a bare model")
+    if condition_channels:
+        if conditions is None or np.shape(conditions) != (n, condition_channels, *image_shape[1:]):
+            raise ValueError(f"this generator is mask-conditioned: pass conditions of shape "
+                             f"{(n, condition_channels, *image_shape[1:])}, got "
+                             f"{None if conditions is None else np.shape(conditions)}")
+        conditions = torch.from_numpy(np.asarray(conditions, np.float32)) * 2.0 - 1.0
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     steps = int(steps or settings.sample_steps)
@@ -299,10 +320,14 @@ def sample(trained: TrainedGenerator | nn.Module, n: int, seed: int = 0, setting
         b = min(batch_size, n - done)
         x = torch.randn((b, *image_shape), generator=generator)
         labels = None if class_label is None else torch.full((b,), int(class_label), dtype=torch.long, device=device)
+        denoiser = model
+        if condition_channels:
+            given = conditions[done:done + b].to(device)
+            denoiser = lambda x_t, t, y, given=given: model(torch.cat([x_t, given], dim=1), t, y)  # noqa: E731
         if settings.objective == "flow":
-            x = _flow_sample(model, x, settings, steps, labels, device)
+            x = _flow_sample(denoiser, x, settings, steps, labels, device)
         else:
-            x = _ddim_sample(model, x, settings, steps, eta, labels, device, generator)
+            x = _ddim_sample(denoiser, x, settings, steps, eta, labels, device, generator)
         out.append(((x.clamp(-1.0, 1.0) + 1.0) / 2.0).numpy().astype(np.float32))
         done += b
         if progress is not None:

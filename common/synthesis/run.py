@@ -5,7 +5,8 @@
 
 Outputs in OUT (each written to a temporary name and renamed):
     synthetic_he.npz  images (n, 3, P, P) float32 [0, 1] (HU-window channels), masks (n, P, P)
-                      uint8 (when the generator learnt the mask channel), plus geometry metadata;
+                      uint8 (with_mask: generated, or with mask_condition the site's HE masks moved
+                      at random that the images were drawn around), plus geometry metadata;
                       accepted samples only
     audit.json        counts, threshold, distance quantiles, feature distance, intensity stats
     quality.png       real HE ROIs, accepted synthetic ROIs, rejected ones beside their nearest
@@ -113,6 +114,19 @@ def split_generated(samples: np.ndarray, settings: SynthesisSettings, n_windows:
     return images, masks
 
 
+def generate(trained, n: int, seed: int, he_masks: np.ndarray) -> np.ndarray:
+    """`n` generated ROIs (n, C', P, P) laid out as the generator's inputs (window channels, then the
+    mask when with_mask). A mask-conditioned generator draws around the site's HE masks, moved at
+    random (common/synthesis/shapes.py), which become the ROIs' mask channel."""
+    from common.synthesis.diffusion import sample
+    from common.synthesis.shapes import sampling_masks
+
+    if not trained.condition_channels:
+        return sample(trained, n, seed=seed)
+    masks = sampling_masks(he_masks, n, seed=seed).astype(np.float32)[:, None]
+    return np.concatenate([sample(trained, n, seed=seed, conditions=masks), masks], axis=1)
+
+
 def resize_rois(images: np.ndarray, pixels: int, masks: np.ndarray | None = None):
     """Resample (n, C, P, P) images (bilinear) and (n, P, P) masks (nearest) to pixels x pixels, e.g.
     when the generator ran at a smaller size than the classifier's ROIs."""
@@ -166,7 +180,7 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
     """
     from common.synthesis.audit import feature_distance, intensity_stats, memorization_audit, realism_verdict
     from common.synthesis.cache import generator_key, load_generator, save_generator
-    from common.synthesis.diffusion import count_parameters, sample, train_generator
+    from common.synthesis.diffusion import count_parameters, train_generator
     from common.synthesis.ratio import synthetic_needed
 
     k = settings.slices_per_case
@@ -209,7 +223,7 @@ def synthesize(rois: CenterROIs, settings: SynthesisSettings, seed: int = 0, n_n
     # samples (with ~25 its 5-95 % spread for one generator was 0.05-0.11 against gates of 0.06-0.15).
     n_candidates = max(int(np.ceil(n_needed * settings.oversample)), settings.realism_samples) if n_needed else 0
     t0 = time.perf_counter()
-    candidates = sample(trained, n_candidates, seed=seed + 1) if n_candidates and trained is not None \
+    candidates = generate(trained, n_candidates, seed + 1, rois.masks[he]) if n_candidates and trained is not None \
         else np.zeros((0, *inputs.shape[1:]), np.float32)
     timings["sample_seconds"] = time.perf_counter() - t0
     timings["seconds_per_sample"] = timings["sample_seconds"] / n_candidates if n_candidates else None

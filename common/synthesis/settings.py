@@ -22,6 +22,9 @@ class SynthesisSettings:
     size_mm: float = 80.0
     slices_per_case: int = 3
     with_mask: bool = True  # the classifier takes the hematoma mask as a 4th channel
+    # True: the mask is not generated but given: the denoiser learns the HU windows around a mask, and
+    # samples around the site's own HE masks, each moved by a random flip, rotation and scale.
+    mask_condition: bool = False
     # Generator: "ukan" (UKANDenoiser) or "unet" (MONAI DiffusionModelUNet baseline).
     generator: str = "ukan"
     base_channels: int = 24
@@ -102,6 +105,8 @@ def _validated(settings: SynthesisSettings, source: str) -> SynthesisSettings:
 
     if settings.generator not in GENERATORS:
         bad("generator", f"choose one of {', '.join(GENERATORS)}")
+    if settings.mask_condition and not settings.with_mask:
+        bad("mask_condition", "needs with_mask = true (the mask it generates around is the 4th channel)")
     if settings.objective not in OBJECTIVES:
         bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
     multiple = 2 ** (len(settings.channel_mult) - 1)
