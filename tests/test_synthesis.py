@@ -426,3 +426,39 @@ def test_a_mask_conditioned_site_keeps_its_shapes_and_its_cache(tmp_path):
     assert again.audit["training"]["cached"] is True
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.masks, first.masks)
+
+
+@pytest.mark.slow
+def test_a_short_training_on_a_tiny_cohort_passes_the_realism_gate_and_noise_fails_it(tiny_cohort):
+    """The CPU profile's approach (UKAN, rectified flow, class-conditional) trained briefly on the
+    tiny cohort's ROIs (16 px, 400 steps): its samples sit closer to the real HE ROIs than the real
+    NHE ROIs do (the gate), by a margin, while an untrained generator (pure noise through the
+    sampler) is far beyond the gate."""
+    from common.config import load_profile
+    from common.synthesis.run import CenterROIs, generate, generator_inputs, load_center_rois
+
+    profile = load_profile("cpu")
+    settings = synthesis_settings(profile, pixels=16, train_steps=400)
+    assert settings.generator == "ukan" and settings.conditional and settings.objective == "flow"
+    windows = [tuple(w) for w in profile["preprocess"]["windows"]]
+    parts = [load_center_rois(tiny_cohort, c, settings, windows, include_nhe=True)
+             for c in ("center1", "center2", "center3", "center4", "center5")]
+    rois = CenterROIs(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "masks", "labels", "groups")),
+                      n_he_cases=sum(p.n_he_cases for p in parts), n_nhe_cases=sum(p.n_nhe_cases for p in parts),
+                      skipped=[])
+    he = rois.labels == 1
+    real_he, real_nhe = rois.images[he], rois.images[~he]
+    class_distance = feature_distance(real_he, real_nhe, seed=0)["real_vs_synthetic"]
+    trained = train_generator(generator_inputs(rois, settings), settings, seed=0, labels=rois.labels)
+    untrained = train_generator(generator_inputs(rois, settings), settings.with_overrides(train_steps=1), seed=0,
+                                labels=rois.labels)
+    verdicts = {}
+    for name, generator in (("trained", trained), ("noise", untrained)):
+        samples = generate(generator, 64, seed=1, he_masks=rois.masks[he])[:, :3]
+        distance = feature_distance(real_he, samples, seed=0)
+        distance["real_nhe_vs_real_he"] = class_distance
+        verdicts[name] = realism_verdict(distance)
+    assert verdicts["trained"]["passed"] is True
+    assert verdicts["trained"]["mmd2_synthetic"] < 0.75 * verdicts["trained"]["mmd2_threshold"]
+    assert verdicts["noise"]["passed"] is False
+    assert verdicts["noise"]["mmd2_synthetic"] > 3 * verdicts["noise"]["mmd2_threshold"]
