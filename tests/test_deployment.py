@@ -453,8 +453,8 @@ def deployment(tmp_path_factory):
         assert not leftover, f"processes left running after teardown: {leftover}"
 
 
-def run_federation(deployment, run_config: dict, during=None) -> tuple[dict, float]:
-    """Submit one segmentation round with `flwr run` over TLS (run_config on top of the defaults
+def run_federation(deployment, run_config: dict, during=None, app: Path = REPO) -> tuple[dict, float]:
+    """Submit one segmentation round of `app` with `flwr run` over TLS (run_config on top of the defaults
     below), call `during()` every second while it runs, and return federation.json and the run's
     wall time once the run has completed (a failed run fails the test with the ServerApp's log)."""
     root, env = deployment["root"], deployment["cli_env"]
@@ -462,7 +462,7 @@ def run_federation(deployment, run_config: dict, during=None) -> tuple[dict, flo
                   "cls-rounds": 0, "node-wait-s": 120.0, "min-aggregate-cases": 1, **run_config}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     submitted = time.monotonic()
-    started = flwr_json(["run", str(REPO), CONNECTION, "--run-config", overrides], env, root, timeout=300)
+    started = flwr_json(["run", str(app), CONNECTION, "--run-config", overrides], env, root, timeout=300)
     assert started["success"], started
     run_id = started["run-id"]
 
@@ -558,6 +558,43 @@ def test_unregistered_supernode_is_refused(deployment):
     listed = flwr_json(["supernode", "ls", CONNECTION], deployment["cli_env"], root)
     assert sorted(int(n["node-id"]) for n in listed["nodes"]) == sorted(deployment["node_ids"].values())
 
+
+@pytest.mark.slow
+def test_a_poisoning_site_is_rejected_by_centre_and_the_global_model_stays_finite(deployment, tmp_path):
+    """Fault injection on real processes: the coordinator submits a copy of the app whose site code
+    makes center2 reply NaN weights (a poisoning or broken site; no test hook exists in hemex
+    itself). The ServerApp (unchanged) must reject that reply by centre with its reason, aggregate
+    center1 alone, and save and evaluate a finite model."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    app = tmp_path / "poisoned-app"
+    for part in ("client", "common", "configs", "server"):
+        shutil.copytree(REPO / part, app / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")
+    handler = app / "client" / "segmentation.py"
+    code = handler.read_text(encoding="utf-8")
+    honest = "    state = model.state_dict()\n"
+    assert code.count(honest) == 1
+    handler.write_text(code.replace(honest, honest + (
+        "    if site.center == 'center2':\n"
+        "        state = {k: v.float().fill_(float('nan')) if v.is_floating_point() else v for k, v in state.items()}\n")),
+        encoding="utf-8")
+
+    out = deployment["root"] / "run-poisoned"
+    report, _ = run_federation(deployment, {"out-dir": str(out), "round-timeout-s": 600.0, "min-valid-replies": 1},
+                               app=app)
+    train = report["stages"]["seg"]["rounds"][0]["train"]
+    assert set(train["reply_bytes"]) == {"center1", "center2"}  # both answered ...
+    assert set(train["rejected"]) == {"center2"}  # ... and the NaN reply was refused, by centre, with why
+    assert "hold NaN or infinite values" in train["rejected"]["center2"]
+    weights = load_file(str(out / "model" / "segmentation" / "model.safetensors"))
+    assert weights and all(np.isfinite(w).all() for w in weights.values() if w.dtype.kind == "f")
+    final = report["stages"]["seg"]["final"]
+    for center in ("center1", HELD_OUT):
+        assert "error" not in final[center] and 0.0 <= final[center]["dice"] <= 1.0
 
 def process_tree(pid: int) -> set[int]:
     """`pid` and every live descendant (a SuperNode and the ClientApp processes it started)."""
