@@ -596,6 +596,32 @@ def test_a_poisoning_site_is_rejected_by_centre_and_the_global_model_stays_finit
     for center in ("center1", HELD_OUT):
         assert "error" not in final[center] and 0.0 <= final[center]["dice"] <= 1.0
 
+@pytest.mark.slow
+def test_a_site_whose_every_scan_is_corrupt_fails_by_class_and_digest_and_the_run_goes_on(deployment):
+    """Fault injection on real processes: every image of center2 is overwritten with random bytes
+    after the SuperNode started. Its training reply is an error naming only the error class, the
+    hemex source line and a digest (no path, no case id), the run goes on with center1 (quorum 1),
+    and the files are put back afterwards."""
+    images = sorted((deployment["data"] / "center2" / "images").iterdir())
+    originals = {path: path.read_bytes() for path in images}
+    out = deployment["root"] / "run-corrupt"
+    try:
+        for path in images:
+            path.write_bytes(os.urandom(4096))
+        report, _ = run_federation(deployment, {"out-dir": str(out), "round-timeout-s": 600.0,
+                                                "min-valid-replies": 1})
+    finally:
+        for path, content in originals.items():
+            path.write_bytes(content)
+    train = report["stages"]["seg"]["rounds"][0]["train"]
+    assert set(train["reply_bytes"]) == {"center1"}
+    why = train["errors"]["center2"]
+    assert "site error in train.seg" in why and "digest" in why, why
+    text = json.dumps(report)
+    assert "center2-000" not in text and str(deployment["data"]) not in text  # no case id, no path
+    assert (out / "model" / "segmentation" / "model.safetensors").is_file()
+    assert "error" not in report["stages"]["seg"]["final"]["center1"]
+
 def process_tree(pid: int) -> set[int]:
     """`pid` and every live descendant (a SuperNode and the ClientApp processes it started)."""
     table = _proc_table()
