@@ -246,6 +246,19 @@ def _proc_table() -> dict[int, tuple[int, bytes]]:
     return table
 
 
+def process_tree(roots: set[int], table: dict | None = None) -> set[int]:
+    """The live processes among `roots` and every live descendant (e.g. a SuperNode and the
+    ClientApp processes it started)."""
+    table = _proc_table() if table is None else table
+    found = set(roots) & set(table)
+    grew = True
+    while grew:
+        children = {p for p, (ppid, _) in table.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
 class Processes:
     """Processes this test module started, each in its own session; `stop_all` ends them and
     everything they spawned, including Flower's detached runtime processes."""
@@ -264,15 +277,10 @@ class Processes:
 
     def ours(self) -> set[int]:
         table = _proc_table()
-        found = {p.pid for _, p, _ in self.started if p.pid in table}
-        found |= {pid for pid, (_, cmd) in table.items() if any(m in cmd for m in self.markers)}
-        grew = True
-        while grew:  # descendants, detached sessions included (found through the parent chain)
-            children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
-            found |= children
-            grew = bool(children)
-        found.discard(os.getpid())
-        return found
+        roots = {p.pid for _, p, _ in self.started}
+        roots |= {pid for pid, (_, cmd) in table.items() if any(m in cmd for m in self.markers)}
+        # Descendants, detached sessions included (found through the parent chain).
+        return process_tree(roots, table) - {os.getpid()}
 
     def stop_all(self, grace_s: float = 15.0) -> list[int]:
         """Stop every process; return the pids still alive afterwards (should be none)."""
@@ -449,7 +457,7 @@ def deployment(tmp_path_factory):
     finally:
         leftover = processes.stop_all()
         timings["total"] = time.monotonic() - started
-        print(f"\ndeployment timings (s since start): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+        print("\ndeployment timings (s since start): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
         assert not leftover, f"processes left running after teardown: {leftover}"
 
 
@@ -596,6 +604,7 @@ def test_a_poisoning_site_is_rejected_by_centre_and_the_global_model_stays_finit
     for center in ("center1", HELD_OUT):
         assert "error" not in final[center] and 0.0 <= final[center]["dice"] <= 1.0
 
+
 @pytest.mark.slow
 def test_a_site_whose_every_scan_is_corrupt_fails_by_class_and_digest_and_the_run_goes_on(deployment):
     """Fault injection on real processes: every image of center2 is overwritten with random bytes
@@ -621,17 +630,6 @@ def test_a_site_whose_every_scan_is_corrupt_fails_by_class_and_digest_and_the_ru
     assert "center2-000" not in text and str(deployment["data"]) not in text  # no case id, no path
     assert (out / "model" / "segmentation" / "model.safetensors").is_file()
     assert "error" not in report["stages"]["seg"]["final"]["center1"]
-
-def process_tree(pid: int) -> set[int]:
-    """`pid` and every live descendant (a SuperNode and the ClientApp processes it started)."""
-    table = _proc_table()
-    found = {pid} & set(table)
-    grew = True
-    while grew:
-        children = {p for p, (ppid, _) in table.items() if ppid in found} - found
-        found |= children
-        grew = bool(children)
-    return found
 
 
 def wait_quiet(log: Path, quiet_s: float, timeout: float) -> None:
@@ -663,7 +661,7 @@ def test_a_hung_or_killed_site_is_dropped_and_the_run_completes_on_the_others(de
     def strike_center2_when_it_trains():
         if not hit and log.read_text(errors="replace").count("Receiving: train.seg") > already:
             for _ in range(2):  # a second pass catches a ClientApp started between the two
-                for pid in process_tree(process.pid) - hit:
+                for pid in process_tree({process.pid}) - hit:
                     _signal_pid(pid, getattr(signal, fault))
                     hit.add(pid)
 
@@ -697,6 +695,7 @@ def test_a_hung_or_killed_site_is_dropped_and_the_run_completes_on_the_others(de
     assert "error" not in final["center1"] and 0.0 <= final["center1"]["dice"] <= 1.0
     assert "error" not in final[HELD_OUT]
     print(f"\n{fault} at center2: run {seconds:.0f} s, training call {train['wall_s']:.0f} s; center2: {why}")
+
 
 # ------------------------------------------------------------------------------------------
 # The app bundle and the SuperNode's state (fast)
