@@ -98,7 +98,7 @@ def delivered_records(model, samples, cases: list[Case], settings) -> list[dict]
         records.append({"center": sample.center, "case_id": sample.case_id,
                         "dice_grid": overlap_metrics(pred, sample.mask, sample.spacing)["dice"],
                         "dice_native": scores["dice"], "vol_pred_ml": scores["vol_pred_ml"],
-                        "vol_ref_ml": scores["vol_ref_ml"], "abs_vol_err_ml": scores["abs_vol_err_ml"],
+                        "vol_ref_ml": scores["vol_ref_ml"], "volume_abs_err_ml": scores["volume_abs_err_ml"],
                         "markers": markers_row(native.hu, mask, native.spacing)})
     return records
 
@@ -106,7 +106,7 @@ def delivered_records(model, samples, cases: list[Case], settings) -> list[dict]
 def summarize_arm(records: list[dict], references: dict, markers: MarkerModel) -> dict:
     dice = np.array([r["dice_native"] for r in records])
     small = np.array([r["vol_ref_ml"] < SMALL_ML for r in records])
-    errors = np.array([r["abs_vol_err_ml"] for r in records])
+    errors = np.array([r["volume_abs_err_ml"] for r in records])
     labelled = [r for r in records if references[(r["center"], r["case_id"])]["he"] is not None]
     y = np.array([references[(r["center"], r["case_id"])]["he"] for r in labelled])
     return {

@@ -74,16 +74,16 @@ def evaluate_seg(message: Message, context: Context) -> Message:
                                            overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size,
                                            satellite_mm=site.seg.satellite_mm, native=native)
         overall = evaluation["overall"]
-        dice, volume = overall["dice"], overall["abs_vol_err_ml"]
+        dice, volume = overall["dice"], overall["volume_abs_err_ml"]
         # The Dice distribution travels as its five-number summary, never as per-case values.
         metrics.update({"dice": dice["mean"], "iou": overall["iou"]["mean"],
                         "hd95-mm": _finite(overall["hd95_mm"]["median"]),
-                        "vol-median-ml": volume["median"], "vol-mae-ml": volume["mean"],
+                        "volume-median-abs-err-ml": volume["median"], "volume-mae-ml": volume["mean"],
                         **{f"dice-{q}": dice[q] for q in ("min", "q25", "median", "q75", "max")}})
         if "dice_native" in overall:
             metrics.update({"dice-native": overall["dice_native"]["mean"],
-                            "vol-mae-native-ml": overall["abs_vol_err_native_ml"]["mean"],
-                            "vol-median-native-ml": overall["abs_vol_err_native_ml"]["median"],
+                            "volume-mae-native-ml": overall["volume_abs_err_native_ml"]["mean"],
+                            "volume-median-abs-err-native-ml": overall["volume_abs_err_native_ml"]["median"],
                             **small_lesion_dice(evaluation["per_case"], context, site)})
     return reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
 

@@ -98,7 +98,7 @@ def cmd_train_seg(args) -> int:
     for center, stats in metrics["test"]["per_center"].items():
         console.print(f"{center}: Dice {stats['dice']['mean']:.3f}, IoU {stats['iou']['mean']:.3f}, "
                       f"HD95 {stats['hd95_mm']['median']:.1f} mm (median), "
-                      f"|volume error| {stats['abs_vol_err_ml']['median']:.2f} mL (median)")
+                      f"|volume error| {stats['volume_abs_err_ml']['median']:.2f} mL (median)")
     console.print(f"Wrote {request.out}/model.safetensors, model.json, metrics.json, config.json")
     return 0
 

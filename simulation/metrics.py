@@ -78,6 +78,16 @@ def _num(value):
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
+# Segmentation figures of a centre's evaluate reply that metrics.json carries: the record's
+# kebab-case key becomes the file's snake_case key (one name per quantity).
+SEG_RECORD_KEYS = ("dice", "volume-mae-ml")
+NATIVE_RECORD_KEYS = ("dice-native", "volume-mae-native-ml", "volume-median-abs-err-native-ml")
+
+
+def file_key(record_key: str) -> str:
+    return record_key.replace("-", "_")
+
+
 def center_entry(cls: dict, seg: dict, oracle: dict | None) -> dict:
     entry = {
         "n": int(cls.get("num-examples", 0)), "n_he": int(cls.get("num-he", 0)),
@@ -86,13 +96,11 @@ def center_entry(cls: dict, seg: dict, oracle: dict | None) -> dict:
         "auc_se": _num(cls.get("auc-se")),
         "sensitivity": _num(cls.get("sensitivity")), "specificity": _num(cls.get("specificity")),
         "brier": _num(cls.get("brier")),
-        "dice": _num(seg.get("dice")), "volume_mae_ml": _num(seg.get("vol-mae-ml")),
+        **{file_key(k): _num(seg.get(k)) for k in SEG_RECORD_KEYS},
         "n_seg": int(seg.get("num-examples", 0)),
     }
     if "dice-native" in seg:  # the delivered mask, on each scan's own grid (held-out centres)
-        entry["dice_native"] = _num(seg.get("dice-native"))
-        entry["volume_mae_native_ml"] = _num(seg.get("vol-mae-native-ml"))
-        entry["volume_median_abs_err_native_ml"] = _num(seg.get("vol-median-native-ml"))
+        entry.update({file_key(k): _num(seg.get(k)) for k in NATIVE_RECORD_KEYS})
         small = _num(seg.get("dice-native-small"))
         entry["dice_native_small"] = small if small is not None and small >= 0 else None  # -1: withheld or none
         entry["n_small"] = int(seg.get("n-small", 0))

@@ -22,7 +22,7 @@ def print_federation_summary(report: dict, console: Console | None = None) -> No
         s, c = seg.get(center, {}), cls.get(center, {})
         table.add_row(center, "external" if info.get("role") == "test" else "train-val",
                       str(s.get("num-examples", "-")), _fmt(s.get("dice")), _fmt(s.get("iou")),
-                      _fmt(s.get("hd95-mm"), 1), _fmt(s.get("vol-median-ml"), 2), str(c.get("num-examples", "-")),
+                      _fmt(s.get("hd95-mm"), 1), _fmt(s.get("volume-median-abs-err-ml"), 2), str(c.get("num-examples", "-")),
                       str(c.get("num-he", "-")), _fmt(c.get("auc")), _fmt(c.get("brier")), _fmt(c.get("sensitivity"), 2),
                       _fmt(c.get("specificity"), 2))
     console.print(table)

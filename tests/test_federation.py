@@ -249,9 +249,9 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
     metrics = dict(evaluation.content["metrics"])
     assert metrics["num-examples"] == 10 and 0.0 <= metrics["dice"] <= 1.0
     # Aggregates only, named and fixed in number whatever the case count (no per-case values).
-    assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "vol-median-ml", "vol-mae-ml", "dice-min",
-                            "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "vol-mae-native-ml",
-                            "vol-median-native-ml", "dice-native-small", "n-small"}
+    assert set(metrics) == {"num-examples", "dice", "iou", "hd95-mm", "volume-median-abs-err-ml", "volume-mae-ml", "dice-min",
+                            "dice-q25", "dice-median", "dice-q75", "dice-max", "dice-native", "volume-mae-native-ml",
+                            "volume-median-abs-err-native-ml", "dice-native-small", "n-small"}
     synth_settings = settings_for(tiny, tmp_path, synthesis="1:1")  # a ratio that needs synthetic ROIs
     synth = call_client(client_app.app, "query.synth", RecordDict({"config": ConfigRecord({})}), 0, synth_settings)
     synth_metrics = dict(synth.content["metrics"])
@@ -606,25 +606,6 @@ def test_metrics_schema_rejects_an_impossible_auc():
         validate(metrics)
     entry["auc"] = 0.5
     validate(metrics)
-
-
-@pytest.mark.slow
-def test_a_failing_site_does_not_stop_the_federation(tiny, tmp_path):
-    from simulation.run import run_local_federation
-
-    broken = tmp_path / "data"
-    shutil.copytree(tiny, broken)
-    for image in (broken / "center2" / "images").iterdir():  # center2's scans become unreadable
-        if image.is_dir():
-            shutil.rmtree(image)
-            image.mkdir()
-        else:
-            image.write_bytes(b"corrupt")
-    report = run_local_federation(settings_for(broken, tmp_path / "run", seg_rounds=1))
-    entry = report["stages"]["seg"]["rounds"][0]
-    assert set(entry["train"]["errors"]) == {"center2"}
-    assert set(entry["train"]["reply_bytes"]) == {"center1", "center3"}
-    assert "dice" in report["stages"]["seg"]["final"]["center4"]
 
 
 def test_traffic_separates_flower_overhead_from_site_work():

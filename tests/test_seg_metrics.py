@@ -70,7 +70,7 @@ def test_volume_errors_in_ml():
     assert m["vol_ref_ml"] == pytest.approx(1.25)
     assert m["vol_pred_ml"] == pytest.approx(0.75)
     assert m["vol_diff_ml"] == pytest.approx(-0.5)
-    assert m["abs_vol_err_ml"] == pytest.approx(0.5)
+    assert m["volume_abs_err_ml"] == pytest.approx(0.5)
     assert m["rel_vol_err"] == pytest.approx(0.4)
 
 
@@ -79,7 +79,7 @@ def test_both_empty_is_perfect_agreement():
     m = segmentation_metrics(z, z, spacing=(1, 1, 1))
     assert (m["dice"], m["iou"], m["hd95_mm"], m["hd95_defined"]) == (1.0, 1.0, 0.0, True)
     assert m["empty_pred"] and m["empty_ref"]
-    assert m["abs_vol_err_ml"] == 0.0 and math.isnan(m["rel_vol_err"])
+    assert m["volume_abs_err_ml"] == 0.0 and math.isnan(m["rel_vol_err"])
 
 
 def test_one_empty_mask_flags_undefined_hd95():

@@ -408,7 +408,7 @@ def test_train_seg_end_to_end(tiny_cohort, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert set(metrics["test"]["per_center"]) == {"center5"}
     assert len(metrics["test"]["per_case"]) == 10
-    assert {"dice", "iou", "hd95_mm", "abs_vol_err_ml", "abs_vol_err_original_ml"} <= set(
+    assert {"dice", "iou", "hd95_mm", "volume_abs_err_ml", "volume_abs_err_original_ml"} <= set(
         metrics["test"]["per_center"]["center5"])
     assert config["seed"] == 1 and config["profile"] == "cpu" and config["train_centers"] == ["center1", "center2"]
     assert config["versions"]["torch"] and config["architecture"]["model"] == "unet"

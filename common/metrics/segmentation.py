@@ -67,7 +67,7 @@ def hd95(pred, ref, spacing: Sequence[float]) -> float:
 
 def overlap_metrics(pred, ref, spacing: Sequence[float]) -> dict:
     """Overlap and volume of one case (no surface distances): ``dice``, ``iou``, ``empty_pred`` /
-    ``empty_ref``, ``vol_pred_ml``, ``vol_ref_ml``, ``vol_diff_ml`` (pred - ref), ``abs_vol_err_ml``
+    ``empty_ref``, ``vol_pred_ml``, ``vol_ref_ml``, ``vol_diff_ml`` (pred - ref), ``volume_abs_err_ml``
     and ``rel_vol_err`` (|pred - ref| / ref, NaN when the reference is empty). Arguments as in
     `segmentation_metrics`."""
     p, r = _as_mask(pred, "pred"), _as_mask(ref, "ref")
@@ -90,7 +90,7 @@ def overlap_metrics(pred, ref, spacing: Sequence[float]) -> dict:
         "vol_pred_ml": vol_p,
         "vol_ref_ml": vol_r,
         "vol_diff_ml": vol_p - vol_r,
-        "abs_vol_err_ml": abs_err,
+        "volume_abs_err_ml": abs_err,
         "rel_vol_err": abs_err / vol_r if n_r else float("nan"),
     }
 

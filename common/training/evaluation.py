@@ -7,7 +7,7 @@ volume a clinician would measure (it carries no resampling error of the referenc
 Given the case at its own resolution (`native`), the mask hemex delivers is scored too: mapped
 onto the scan's pixels, its boundary redrawn there (`postprocess.refine_boundary`, as `hemex
 predict` and the held-out sites' classifier ROIs do), against the stored mask (`dice_native`,
-`abs_vol_err_native_ml`).
+`volume_abs_err_native_ml`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from common.inference.segmentation import mask_on_grid, segment
 from common.inference.postprocess import refine_boundary
 
 # The per-centre summaries keep these (flags and raw volumes stay in the per-case records).
-SUMMARY_KEYS = ("dice", "iou", "hd95_mm", "abs_vol_err_ml", "rel_vol_err", "abs_vol_err_original_ml",
-                "dice_native", "abs_vol_err_native_ml", "inference_seconds")
+SUMMARY_KEYS = ("dice", "iou", "hd95_mm", "volume_abs_err_ml", "rel_vol_err", "volume_abs_err_original_ml",
+                "dice_native", "volume_abs_err_native_ml", "inference_seconds")
 
 
 def original_grid_volume_ml(pred: np.ndarray, probabilities: np.ndarray, sample: Sample) -> float:
@@ -46,7 +46,7 @@ def delivered_mask(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, 
 def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> dict:
     """Dice and absolute volume error (mL) of the delivered mask against `native`'s stored mask."""
     scores = overlap_metrics(delivered_mask(pred, probabilities, sample, native), native.mask, native.spacing)
-    return {"dice_native": scores["dice"], "abs_vol_err_native_ml": scores["abs_vol_err_ml"],
+    return {"dice_native": scores["dice"], "volume_abs_err_native_ml": scores["volume_abs_err_ml"],
             "vol_ref_native_ml": scores["vol_ref_ml"]}
 
 
@@ -63,7 +63,7 @@ def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float,
     if reference_ml is not None:
         predicted_ml = original_grid_volume_ml(pred, probabilities, sample)
         record.update(vol_pred_original_ml=predicted_ml, vol_ref_original_ml=reference_ml,
-                      abs_vol_err_original_ml=abs(predicted_ml - reference_ml))
+                      volume_abs_err_original_ml=abs(predicted_ml - reference_ml))
     if native is not None and native.mask is not None:
         record.update(native_scores(pred, probabilities, sample, native))
     return record
