@@ -11,13 +11,18 @@ the case's 3 classifier ROI slices, reference masks): a logistic regression for 
 training centres, scored on the external ones) and a ridge regression per NCCT marker (R^2 on the
 external centres). With --finetune the classifier is also trained (the profile's settings, image
 only and fused with the markers) from each encoder, and the external AUC reported beside the
-volume-only and markers-only logistic regressions on the same reference masks.
+volume-only and markers-only logistic regressions on the same reference masks, with paired DeLong
+differences (image-only vs volume-only, fused vs markers-only). Where the cohort records its
+phenotypes (truth.csv of a synthetic cohort), the ceiling is printed too: the external AUC of the
+risk model's image-observable terms (every term but onset-to-CT time), which no image model can
+beat. --rounds 0 skips pretraining (the random encoder only).
 Nothing is tuned here: the profile's settings are measured as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -33,7 +38,8 @@ from common.baselines import MARKER_MODEL_FEATURES, VOLUME_FEATURES, feature_mat
 from common.config import load_profile  # noqa: E402
 from common.data.contract import read_cohort  # noqa: E402
 from common.files import seed_everything  # noqa: E402
-from common.metrics.classification import auc  # noqa: E402
+from common.metrics.classification import auc, delong_test  # noqa: E402
+from common.phantoms.risk import image_risk_score, phenotype_from_truth  # noqa: E402
 from common.training.classification.prediction import case_logits  # noqa: E402
 from common.training.classification.pretraining import (MaskedImageModel, PretrainingSettings, encoder_features,  # noqa: E402
                                                         pretrain)
@@ -87,7 +93,8 @@ def probes(classifier, fit, external, cls) -> dict:
     return out
 
 
-def finetuned_aucs(initial_state, fit, external, cls, windows) -> dict:
+def finetuned_scores(initial_state, fit, external, cls, windows) -> dict:
+    """External case logits of the image-only and the fused classifier trained from this encoder."""
     out = {}
     for fused in (False, True):
         settings = replace(cls, marker_fusion=fused)
@@ -98,8 +105,27 @@ def finetuned_aucs(initial_state, fit, external, cls, windows) -> dict:
             backbone.load_state_dict(initial_state, strict=False)
         train_classifier(model, fit.cases, Budget(epochs=settings.epochs), seed=0, settings=settings, windows=windows,
                          aux_targets=fit.markers)
-        out["fused_auc" if fused else "image_auc"] = auc(external.labels(), case_logits(model, external.cases, settings))
+        out["fused" if fused else "image"] = case_logits(model, external.cases, settings)
     return out
+
+
+def ceiling_auc(data: Path, external) -> float | None:
+    """AUC of the image-observable risk terms on the external cases, from the cohort's truth.csv."""
+    truth = data / "truth.csv"
+    if not truth.is_file():
+        return None
+    with truth.open(encoding="utf-8", newline="") as f:
+        rows = {(r["center"], r["case_id"]): r for r in csv.DictReader(f)}
+    scores = [image_risk_score(phenotype_from_truth(rows[(r.center, r.case_id)])) for r in external.cases]
+    return auc(external.labels(), scores)
+
+
+def compare(results: dict, arm: str, scores: dict, baselines: dict, y) -> None:
+    """AUCs of the arm's classifiers and their paired DeLong differences to the logistic regressions."""
+    for name, baseline in (("image", "volume_only"), ("fused", "markers_only")):
+        test = delong_test(y, scores[name], baselines[baseline])
+        results[arm][f"{name}_auc"] = test["auc_a"]
+        results[arm][f"{name}_vs_{baseline}"] = {"diff": test["diff"], "ci": test["diff_ci"], "p": test["p"]}
 
 
 def main() -> None:
@@ -123,7 +149,7 @@ def main() -> None:
     fit = build_roi_dataset([c for k in train for c in cohort[k]], cls, windows=windows, with_markers=True)
     external = build_roi_dataset([c for k in test for c in cohort[k]], cls, windows=windows, with_markers=True)
     slices = {}
-    for k in train:
+    for k in train if args.rounds > 0 else []:
         dataset = build_roi_dataset(cohort[k], replace(cls, k_slices=pre.slices_per_case), windows=windows,
                                     require_label=False, with_markers=False)
         slices[k] = np.concatenate([roi_array(r, cls.mask_channel) for r in dataset.cases])
@@ -137,28 +163,42 @@ def main() -> None:
     results = {"data": str(args.data), "rounds": args.rounds, "pretraining": pre.as_dict(),
                "random": probes(mim.classifier, fit, external, cls)}
     started = time.perf_counter()
-    results["round_losses"] = federated_pretraining(mim, slices, pre, cls, windows, args.rounds)
-    results["pretraining_seconds"] = time.perf_counter() - started
-    results["pretrained"] = probes(mim.classifier, fit, external, cls)
+    if args.rounds > 0:
+        results["round_losses"] = federated_pretraining(mim, slices, pre, cls, windows, args.rounds)
+        results["pretraining_seconds"] = time.perf_counter() - started
+        results["pretrained"] = probes(mim.classifier, fit, external, cls)
+    arms = ["random", "pretrained"] if args.rounds > 0 else ["random"]
     if args.finetune:
-        pretrained_state = {k: v for k, v in mim.classifier.state_dict().items() if not k.startswith("head")}
-        results["random"].update(finetuned_aucs(None, fit, external, cls, windows))
-        results["pretrained"].update(finetuned_aucs(pretrained_state, fit, external, cls, windows))
-        for name, features in (("volume_only_auc", VOLUME_FEATURES), ("markers_only_auc", MARKER_MODEL_FEATURES)):
+        y = external.labels()
+        baselines = {}
+        for name, features in (("volume_only", VOLUME_FEATURES), ("markers_only", MARKER_MODEL_FEATURES)):
             x_fit = feature_matrix(fit.markers, [key(r) for r in fit.cases], features)
             x_ext = feature_matrix(external.markers, [key(r) for r in external.cases], features)
-            model = fit_baseline(x_fit, fit.labels(), features)
-            results[name] = auc(external.labels(), model.predict_proba(x_ext))
-    print(f"\npretraining: {args.rounds} rounds x {pre.steps_per_round} steps at {len(slices)} sites in "
-          f"{results['pretraining_seconds']:.0f} s; mean site loss per round "
-          + ", ".join(f"{v:.4f}" for v in results["round_losses"]))
-    names = [k for k in results["random"]]
+            baselines[name] = fit_baseline(x_fit, fit.labels(), features).predict_proba(x_ext)
+            results[f"{name}_auc"] = auc(y, baselines[name])
+        compare(results, "random", finetuned_scores(None, fit, external, cls, windows), baselines, y)
+        if args.rounds > 0:
+            pretrained_state = {k: v for k, v in mim.classifier.state_dict().items() if not k.startswith("head")}
+            compare(results, "pretrained", finetuned_scores(pretrained_state, fit, external, cls, windows), baselines, y)
+    results["ceiling_auc"] = ceiling_auc(args.data, external)
+    if args.rounds > 0:
+        print(f"\npretraining: {args.rounds} rounds x {pre.steps_per_round} steps at {len(slices)} sites in "
+              f"{results['pretraining_seconds']:.0f} s; mean site loss per round "
+              + ", ".join(f"{v:.4f}" for v in results["round_losses"]))
+    names = [k for k, v in results["random"].items() if isinstance(v, float)]
     print(f"{'encoder':<11}" + "".join(f"{n.removeprefix('r2_'):>20}" for n in names))
-    for arm in ("random", "pretrained"):
+    for arm in arms:
         print(f"{arm:<11}" + "".join(f"{results[arm][n]:>20.3f}" for n in names))
     if args.finetune:
         print(f"volume-only AUC {results['volume_only_auc']:.3f}, markers-only AUC {results['markers_only_auc']:.3f} "
               "(same reference masks)")
+        for arm in arms:
+            for name, baseline in (("image", "volume_only"), ("fused", "markers_only")):
+                d = results[arm][f"{name}_vs_{baseline}"]
+                print(f"{arm} {name} - {baseline.replace('_', '-')}: {d['diff']:+.3f} "
+                      f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], p = {d['p']:.2f}")
+    if results["ceiling_auc"] is not None:
+        print(f"ceiling (image-observable risk terms, truth.csv): AUC {results['ceiling_auc']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
 

@@ -19,7 +19,8 @@ from common.data.contract import read_cohort
 from common.data.preprocess import load_case
 from common.errors import ConfigError
 from common.phantoms.cohort import generate_cohort, load_cohort_spec, plan_center
-from common.phantoms.risk import calibrate_intercept, draw_labels, followup_volume
+from common.phantoms.risk import (REFERENCE_TIME_H, calibrate_intercept, draw_labels, followup_volume, image_risk_score,
+                                  phenotype_from_truth, risk_score)
 
 BHSD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bhsd_hemorrhage_characteristics.csv"
 
@@ -113,6 +114,24 @@ def test_risk_model_oracle_auc_and_volume_only_auc_in_expectation():
     oracle = roc_auc_score(labels, risks)
     assert 0.80 <= oracle <= 0.86
     assert roc_auc_score(labels, volumes) < oracle - 0.05
+
+
+def test_truth_rows_give_back_the_phenotype_and_its_image_observable_score(tiny_cohort):
+    """truth.csv -> phenotype: the risk score matches the recorded risk's ranking within a centre, and
+    the image-observable score drops exactly the onset-to-CT time term."""
+    rows = read_truth(tiny_cohort)
+    assert len(rows) == 50
+    for row in rows:
+        p = phenotype_from_truth(row)
+        assert p.volume_ml == float(row["target_volume_ml"]) and p.blend == (row["blend"] == "True")
+        time_term = -0.4 * np.log(p.onset_to_ct_h / REFERENCE_TIME_H)
+        assert image_risk_score(p) == pytest.approx(risk_score(p) - time_term, abs=1e-9)
+    for center in {r["center"] for r in rows}:
+        mine = [r for r in rows if r["center"] == center]
+        scores = [risk_score(phenotype_from_truth(r)) for r in mine]
+        risks = [float(r["risk"]) for r in mine]
+        # risk = expit(b0 + score + centre effect): the same order (ties only from the 5-digit rounding)
+        assert np.all(np.diff(np.array(risks)[np.argsort(scores)]) >= -1e-5)
 
 
 def test_tiny_cohort_follows_the_contract_and_passes_check(tiny_cohort):

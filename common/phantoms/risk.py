@@ -14,7 +14,7 @@ risk vs label) is ~0.82 in expectation, so a perfect image model cannot reach 1.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.optimize import brentq
@@ -77,6 +77,21 @@ def risk_score(p: Phenotype) -> float:
             + COEF["irregularity"] * p.irregularity + COEF["heterogeneity"] * p.heterogeneity
             + COEF["blend"] * p.blend + COEF["black_hole"] * p.black_hole + COEF["islands"] * p.islands
             + COEF["ivh"] * p.ivh + COEF["log_time"] * np.log(p.onset_to_ct_h / REFERENCE_TIME_H))
+
+
+def image_risk_score(p: Phenotype) -> float:
+    """The part of the linear predictor an image can show: every term but onset-to-CT time, which
+    no scan records. Its AUC on a cohort is the ceiling of any image-based classifier there."""
+    return risk_score(replace(p, onset_to_ct_h=REFERENCE_TIME_H))
+
+
+def phenotype_from_truth(row: dict) -> Phenotype:
+    """A truth.csv row back to its phenotype (the planned volume, not the rendered one)."""
+    flag = {"True": True, "False": False}
+    return Phenotype(location=row["location"], side=int(row["side"]), volume_ml=float(row["target_volume_ml"]),
+                     irregularity=float(row["irregularity"]), heterogeneity=float(row["heterogeneity"]),
+                     blend=flag[row["blend"]], black_hole=flag[row["black_hole"]], islands=int(row["islands"]),
+                     ivh=flag[row["ivh"]], clot_hu=float(row["clot_hu"]), onset_to_ct_h=float(row["onset_to_ct_h"]))
 
 
 def calibrate_intercept(scores: np.ndarray, prevalence: float) -> float:
