@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import SimpleITK as sitk
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.messages import global_round, proximal_mu, receive_global, reply, small_group, spend_scorings
@@ -113,28 +112,38 @@ def state_stage(arm: str) -> str:
 
 
 def segmentation_mask_provider(site: Site, seg_weights: ArrayRecord):
-    """Masks from the federated segmentation model, on each sample's own grid. The model is built
-    on the first mask asked for: a site whose ROIs are already cached never builds it."""
+    """Masks from the federated segmentation model, on each sample's own grid: read from the
+    site's store when this centre's segmentation scoring already delivered them, else predicted
+    (and stored). The model is built on the first mask predicted: a site whose ROIs or masks are
+    already cached never builds it."""
+    state = from_record(seg_weights)
+    delivered = site.delivered_masks(state)
+    cases = {(c.center, c.case_id): c for c in site.cases}
     built = []
 
     def provide(sample):
+        case = cases.get((sample.center, sample.case_id))
+        stored = delivered.get(case) if case is not None else None
+        if stored is not None and stored.shape == sample.hu.shape:
+            return stored
         # Imported here: a classifier message on reference masks (the default) never segments,
         # and the segmentation stack (MONAI, the networks) costs seconds in every fresh process.
         from client.segmentation import seg_model
-        from common.inference.postprocess import refine_boundary
-        from common.inference.segmentation import mask_on_grid, segment
+        from common.inference.segmentation import segment
+        from common.training.evaluation import delivered_mask
 
         if not built:
             built.append(seg_model(site))
-            load_global(built[0], from_record(seg_weights))
+            load_global(built[0], state)
             built[0].eval()
-        model = built[0]
         working = resample_sample(sample, site.cache.spacing, site.cache.windows)
-        pred, probabilities = segment(model, working.image, site.seg.inference_roi, spacing=working.spacing,
+        pred, probabilities = segment(built[0], working.image, site.seg.inference_roi, spacing=working.spacing,
                                       satellite_mm=site.seg.satellite_mm, hu=working.hu, overlap=site.seg.sw_overlap,
                                       sw_batch_size=site.seg.sw_batch_size)
-        native = sitk.GetArrayFromImage(mask_on_grid(pred, probabilities, working.working, sample.working))
-        return refine_boundary(native, sample.hu, sample.spacing)
+        mask = delivered_mask(pred, probabilities, working, sample)
+        if case is not None:
+            delivered.put(case, mask)
+        return mask
 
     return provide
 

@@ -69,10 +69,15 @@ def evaluate_seg(message: Message, context: Context) -> Message:
     elif cases:
         # A held-out centre (every case) also scores the mask hemex delivers, on each scan's own grid.
         by_key = {(c.center, c.case_id): c for c in cases}
-        native = (lambda s: load_case(by_key[(s.center, s.case_id)], spacing=None)) if split == "all" else None
+        native = keep = None
+        if split == "all":
+            native = lambda s: load_case(by_key[(s.center, s.case_id)], spacing=None)  # noqa: E731
+            # Kept on the site's disk: the classifier's ROIs at this centre are cut on these masks.
+            delivered = site.delivered_masks(model.state_dict())
+            keep = lambda s, mask: delivered.put(by_key[(s.center, s.case_id)], mask)  # noqa: E731
         evaluation = evaluate_segmentation(model, site.cache.load(cases), site.seg.inference_roi,
                                            overlap=site.seg.sw_overlap, sw_batch_size=site.seg.sw_batch_size,
-                                           satellite_mm=site.seg.satellite_mm, native=native)
+                                           satellite_mm=site.seg.satellite_mm, native=native, keep_delivered=keep)
         overall = evaluation["overall"]
         dice, volume = overall["dice"], overall["volume_abs_err_ml"]
         # The Dice distribution travels as its five-number summary, never as per-case values.

@@ -22,6 +22,7 @@ from common.data.io import slice_spacing_mm
 from common.data.preprocess import DEFAULT_WINDOWS
 from common.errors import ConfigError, HemexError
 from common.federation.settings import POOLED, FederationSettings
+from common.inference.mask_cache import DeliveredMasks
 from common.training.classification.roi_cache import cached_reference_rois
 from common.training.classification.pretraining import PretrainingSettings
 from common.training.classification.rois import build_roi_dataset, roi_array, stratified_split
@@ -99,6 +100,15 @@ class Site:
                 val += [dataset.cases[index[i]] for i in v]
             self._rois[source] = (dataset, fit, val)
         return self._rois[source]
+
+    def delivered_masks(self, seg_state) -> DeliveredMasks:
+        """The site's on-disk store of the masks this segmentation model delivers (held-out
+        centres fill it while scoring the segmentation; their classifier ROIs read it back)."""
+        seg = self.seg
+        return DeliveredMasks(self.cache_dir / "delivered-masks", seg_state, {
+            "model": seg.model, "overrides": seg.model_overrides, "roi": list(seg.inference_roi),
+            "overlap": seg.sw_overlap, "sw_batch_size": seg.sw_batch_size, "satellite_mm": seg.satellite_mm,
+            "spacing": list(self.cache.spacing), "windows": [list(w) for w in self.cache.windows]})
 
     def pretraining_slices(self, split: str = "fit") -> tuple[np.ndarray, int]:
         """ROI slices (N, C, P, P) for self-supervised pretraining and the number of cases they

@@ -418,6 +418,61 @@ def test_held_out_site_scores_every_arm_on_the_segmentation_rois(tiny, tmp_path,
     assert sum(v for k, v in federated.items() if k.startswith("hist-")) == counts["num-examples"]
 
 
+class BloodDensity(torch.nn.Module):
+    """A stand-in segmentation model that finds blood: hematoma logit rises with the first HU window."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(12.0))
+
+    def forward(self, x):
+        z = self.scale * (x[:, :1] - 0.65)
+        return torch.cat([-z, z], dim=1)
+
+
+@pytest.mark.slow
+def test_a_held_out_centre_cuts_its_rois_on_the_masks_its_segmentation_scoring_delivered(tiny, tmp_path,
+                                                                                       monkeypatch):
+    """evaluate.seg at a held-out centre keeps each delivered mask on the site's disk (keyed by the
+    weights, settings and case files); the classifier's mask provider then reads them back without
+    building the segmentation model, and they equal the masks it predicts from nothing."""
+    import client.app as client_app
+    import client.segmentation as client_segmentation
+    from client.classifier import segmentation_mask_provider
+    from client.site import Site
+    from common.data.preprocess import load_case
+
+    monkeypatch.setattr(client_segmentation, "seg_model", lambda site: BloodDensity())
+    settings = settings_for(tiny, tmp_path / "run", min_aggregate_cases=1)
+    weights = ArrayRecord(BloodDensity().state_dict())
+    scored = call_client(client_app.app, "evaluate.seg", RecordDict(
+        {"arrays": weights, "config": ConfigRecord({"split": "all"})}), 3, settings)
+    assert 0.0 < dict(scored.content["metrics"])["dice-native"] <= 1.0
+    site = Site("center4", tiny / "center4", settings)
+    stored = sorted(site.delivered_masks(BloodDensity().state_dict()).dir.glob("*.npz"))
+    assert len(stored) == 10
+
+    def not_built(site):
+        raise AssertionError("the segmentation model was built although the masks were stored")
+
+    monkeypatch.setattr(client_segmentation, "seg_model", not_built)
+    cached = segmentation_mask_provider(site, weights)
+    samples = [load_case(case, spacing=site.cls.spacing, with_mask=False) for case in site.cases]
+    masks = [cached(sample) for sample in samples]
+    assert sum(int(m.any()) for m in masks) >= 5
+
+    monkeypatch.setattr(client_segmentation, "seg_model", lambda site: BloodDensity())
+    fresh_site = Site("center4", tiny / "center4", settings, cache_dir=tmp_path / "empty-cache")
+    predicted = segmentation_mask_provider(fresh_site, weights)
+    for sample, mask in zip(samples, masks):
+        np.testing.assert_array_equal(predicted(sample), mask, err_msg=sample.case_id)
+    # Other weights: another store, nothing reused.
+    other = BloodDensity()
+    other.scale.data.fill_(6.0)
+    assert site.delivered_masks(other.state_dict()).dir != site.delivered_masks(BloodDensity().state_dict()).dir
+    assert not site.delivered_masks(other.state_dict()).dir.exists()
+
+
 def test_error_summary_finds_the_site_error_inside_the_runtime_traceback():
     from server.grid import error_summary
 

@@ -43,15 +43,16 @@ def delivered_mask(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, 
     return refine_boundary(mask, native.hu, native.spacing)
 
 
-def native_scores(pred: np.ndarray, probabilities: np.ndarray, sample: Sample, native: Sample) -> dict:
-    """Dice and absolute volume error (mL) of the delivered mask against `native`'s stored mask."""
-    scores = overlap_metrics(delivered_mask(pred, probabilities, sample, native), native.mask, native.spacing)
+def native_scores(mask: np.ndarray, native: Sample) -> dict:
+    """Dice and absolute volume error (mL) of a delivered mask against `native`'s stored mask."""
+    scores = overlap_metrics(mask, native.mask, native.spacing)
     return {"dice_native": scores["dice"], "volume_abs_err_native_ml": scores["volume_abs_err_ml"],
             "vol_ref_native_ml": scores["vol_ref_ml"]}
 
 
 def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float, sw_batch_size: int,
-                  device, satellite_mm: float = 0.0, native: Sample | None = None) -> dict:
+                  device, satellite_mm: float = 0.0, native: Sample | None = None,
+                  keep_delivered: Callable[[Sample, np.ndarray], None] | None = None) -> dict:
     start = time.perf_counter()
     pred, probabilities = segment(model, sample.image, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
                                   device=device, name=f"{sample.center}/{sample.case_id}", spacing=sample.spacing,
@@ -65,18 +66,23 @@ def evaluate_case(model: nn.Module, sample: Sample, roi_size, *, overlap: float,
         record.update(vol_pred_original_ml=predicted_ml, vol_ref_original_ml=reference_ml,
                       volume_abs_err_original_ml=abs(predicted_ml - reference_ml))
     if native is not None and native.mask is not None:
-        record.update(native_scores(pred, probabilities, sample, native))
+        mask = delivered_mask(pred, probabilities, sample, native)
+        record.update(native_scores(mask, native))
+        if keep_delivered is not None:
+            keep_delivered(native, mask)
     return record
 
 
 def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, overlap: float = 0.25,
                           sw_batch_size: int = 4, device="cpu", satellite_mm: float = 0.0,
                           progress: Callable[[int, int], None] | None = None,
-                          native: Callable[[Sample], Sample] | None = None) -> dict:
+                          native: Callable[[Sample], Sample] | None = None,
+                          keep_delivered: Callable[[Sample, np.ndarray], None] | None = None) -> dict:
     """Predict every sample (all must have masks) and summarise.
 
     Inference seconds per case include the post-processing (`satellite_mm`, see `segment`).
-    `native` loads a sample's case at its own resolution: the delivered mask is scored there too.
+    `native` loads a sample's case at its own resolution: the delivered mask is scored there too,
+    and handed to `keep_delivered(native_sample, mask)` when given (a site keeps it for its ROIs).
 
     Returns {"per_case": [...], "per_center": {centre: {metric: stats}}, "overall": {...}},
     stats as in `common.metrics.segmentation.summarize`.
@@ -87,7 +93,8 @@ def evaluate_segmentation(model: nn.Module, samples: list[Sample], roi_size, *, 
             raise ValueError(f"{sample.center}/{sample.case_id} has no reference mask to evaluate against")
         per_case.append(evaluate_case(model, sample, roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
                                       device=device, satellite_mm=satellite_mm,
-                                      native=native(sample) if native is not None else None))
+                                      native=native(sample) if native is not None else None,
+                                      keep_delivered=keep_delivered))
         if progress is not None:
             progress(done, len(samples))
     centers = sorted({r["center"] for r in per_case})
