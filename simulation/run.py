@@ -175,6 +175,7 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
     report_path = out / "federation.json"
     report_path.unlink(missing_ok=True)  # a previous run's report must not pass for this one's
     superlink = start_superlink(flwr_home, port, out / "superlink.log")
+    process = None
     try:
         log_path = out / "flower.log"
         with open(log_path, "w", encoding="utf-8") as flower_log:
@@ -202,7 +203,9 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
                              f"see {log_path}")
         report["concurrent_sites"] = concurrent_sites  # how many site handlers shared the cores (traffic())
         return report
-    finally:
+    finally:  # also on Ctrl-C or SIGTERM (common/cli.py): nothing of the run is left running
+        if process is not None:
+            stop(process)
         stop(superlink)
         reap_runtime(port)
 

@@ -335,6 +335,52 @@ def flower_processes() -> list[int]:
     return pids
 
 
+def processes_naming(*needles: str) -> dict[int, bytes]:
+    """Running processes whose command line contains any of `needles`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(n.encode() in cmd for n in needles):
+                found[int(proc.name)] = cmd
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_simulation_and_everything_it_started(tiny, tmp_path):
+    """A job scheduler's SIGTERM in the middle of a federation: hemex stops its SuperLink, `flwr run`
+    and the simulation runtime, says so in one line and exits 143; nothing of the run is left."""
+    import time
+
+    out = tmp_path / "run"
+    hemex = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", "--data", str(tiny), "--train-centers",
+                              "center1,center2,center3", "--test-centers", "center4,center5", "--out", str(out),
+                              *STUDY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port, deadline = None, time.monotonic() + 240
+        while time.monotonic() < deadline and hemex.poll() is None:
+            for cmd in processes_naming(str(out)).values():
+                if b"flower-superlink" in cmd:
+                    args = cmd.split(b"\0")
+                    port = args[args.index(b"--port") + 1].decode()
+            if port and processes_naming(f"127.0.0.1:{port}"):
+                break  # the simulation runtime is up: the run is under way
+            time.sleep(0.5)
+        assert port and hemex.poll() is None, "the federation never started"
+        hemex.terminate()
+        _, stderr = hemex.communicate(timeout=120)
+    finally:
+        if hemex.poll() is None:
+            hemex.kill()
+    assert hemex.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("hemex simulate: terminated (SIGTERM)")
+    left = processes_naming(str(out), f"127.0.0.1:{port}")
+    assert not left, [cmd.replace(b"\0", b" ")[:200] for cmd in left.values()]
+
+
 # The tiny cohort's sites validate on 1-3 cases: aggregates that small are withheld by default.
 STUDY = ["--profile", "smoke", "--seg-rounds", "2", "--cls-rounds", "1", "--synthesis", "1:2", "--seed", "0",
          "--min-aggregate-cases", "1"]
