@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -83,8 +84,12 @@ class FederatedRun:
             time.sleep(1.0)
         messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info")
                     for n in nodes]
-        # A first message makes each site load its app and libraries: allow a round's timeout.
-        replies = collect_replies(self.grid, messages, self.deadlines)[0] if messages else []
+        # A first message makes each site load its app and libraries, and a site may still be
+        # finishing stale work of an earlier run: the straggler rule gives it at least node-wait-s
+        # more (a site silent even then is missing; round-timeout-s stays the hard limit).
+        deadlines = replace(self.deadlines, straggler_grace_s=max(self.deadlines.straggler_grace_s,
+                                                                   self.settings.node_wait_s))
+        replies = collect_replies(self.grid, messages, deadlines)[0] if messages else []
         centers, counts = {}, {}
         for reply in replies:
             if reply.has_error():

@@ -3,6 +3,8 @@ own `Strategy.start` over a stand-in Grid whose sites answer with real Flower me
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -293,6 +295,47 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
 
     with pytest.raises(ConfigError, match="no node answered for centre.s. h3"):
         federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01), seg_rounds=1).execute()
+
+
+class LateStarter(SiteGrid):
+    """h3 answers its first message (query.info) only `delay` s after it was sent (None: never),
+    like a site still busy with an earlier run's stale work."""
+
+    def __init__(self, names, train, delay):
+        super().__init__(names, train)
+        self.delay, self.sent = delay, {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent.update({m.object_id: time.monotonic() for m in messages})
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        held, ready = [], []
+        for reply in super().pull_messages(message_ids):
+            waited = time.monotonic() - self.sent[reply.metadata.reply_to_message_id]
+            late = "info" in reply.content and self.nodes[reply.metadata.src_node_id] == "h3" and (
+                self.delay is None or waited < self.delay)
+            (held if late else ready).append(reply)
+        self._outbox = [*getattr(self, "_outbox", []), *held]
+        return ready
+
+
+def test_a_training_site_slow_to_answer_its_first_message_gets_node_wait_s_not_the_straggler_deadline(tmp_path):
+    """Discovery: the others answer at once, h3 after 0.8 s, well past the straggler deadline
+    (1 x 0 s + 0.1 s) but within node-wait-s (2 s): it takes part. A training site silent for
+    node-wait-s still stops the run, after node-wait-s, not round-timeout-s."""
+    settings = dict(seg_rounds=1, node_wait_s=2.0, straggler_factor=1.0, straggler_grace_s=0.1, round_timeout_s=60.0)
+    report = federated_run(tmp_path, LateStarter(["h1", "h2", "h3", "h4"], lambda c: 0.01, 0.8), **settings).execute()
+    assert report["centers"]["h3"]["role"] == "train" and "not_evaluated" not in report["centers"]["h3"]
+    assert set(report["stages"]["seg"]["rounds"][0]["train"]["sent_bytes"]) == {"h1", "h2", "h3"}
+    from common.errors import ConfigError
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="no node answered for centre.s. h3"):
+        federated_run(tmp_path, LateStarter(["h1", "h2", "h3", "h4"], lambda c: 0.01, None),
+                      **{**settings, "resume": False}).execute()
+    assert 1.9 <= time.monotonic() - started < 10.0
 
 
 def test_the_run_reports_progress_as_events_that_a_follower_reads_as_they_come(tmp_path):
