@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from common.data import io  # noqa: E402
+from common.data import dicom_io, io  # noqa: E402
 from common.data.plausibility import anatomy_problems, hu_problems  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def write_enhanced(series: Path, folder: Path) -> Path:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*intended person name.*")
-        image = LegacyConvertedEnhancedCTImage([pydicom.dcmread(f) for f in io.dicom_series_files(series)],
+        image = LegacyConvertedEnhancedCTImage([pydicom.dcmread(f) for f in dicom_io.dicom_series_files(series)],
                                                hd.UID(), 99, hd.UID(), 1)
     folder.mkdir()
     image.save_as(folder / "enhanced.dcm")
@@ -86,13 +86,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         io.write_image(head(args.size, spacing), tmp / "ct.nii.gz")
-        io.write_dicom_series(head(args.size, spacing), tmp / "even", "bench")
-        io.write_dicom_series(head(args.size, spacing, sheared), tmp / "tilted", "bench-tilt")
+        dicom_io.write_dicom_series(head(args.size, spacing), tmp / "even", "bench")
+        dicom_io.write_dicom_series(head(args.size, spacing, sheared), tmp / "tilted", "bench-tilt")
         enhanced = write_enhanced(tmp / "even", tmp / "enhanced")
 
         def plain_series(folder):
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(io.dicom_series_files(folder))
+            reader.SetFileNames(dicom_io.dicom_series_files(folder))
             reader.SetOutputPixelType(sitk.sitkFloat32)
             return reader.Execute()
 

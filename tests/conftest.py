@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.data import io
+from common.data import dicom_io, io
 
 CASES_HEADER = ["case_id", "he", "onset_to_ct_h", "followup_volume_ml"]
 
@@ -69,9 +69,9 @@ def build_cohort(root: Path) -> Path:
         {"case_id": "a3", "he": ""},
     ])
     image, mask = synthetic_head_ct(spacing=(0.5, 0.5, 3.0), origin=(-6.0, -6.0, 10.0))
-    io.write_dicom_series(image, root / "B/images/b1", "b1")
+    dicom_io.write_dicom_series(image, root / "B/images/b1", "b1")
     io.write_image(mask, root / "B/masks/b1.nii.gz")
-    io.write_dicom_series(image, root / "B/images/b2", "b2")
+    dicom_io.write_dicom_series(image, root / "B/images/b2", "b2")
     write_cases(root / "B/cases.csv", [{"case_id": "b1", "he": "1"}, {"case_id": "b2", "he": "0"}],
                 header=["case_id", "he"])
     (root / "truth.csv").write_text("center,case_id,he\n", encoding="utf-8")
@@ -89,7 +89,7 @@ def enhanced_dicom(series, folder, drop: int | None = None):
     import pydicom
     from highdicom.legacy import LegacyConvertedEnhancedCTImage
 
-    files = io.dicom_series_files(series)
+    files = dicom_io.dicom_series_files(series)
     if drop is not None:
         del files[drop]
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from rich.console import Console
 
-from common.data import io
+from common.data import dicom_io, io
 from common.data.check import Problem, check_data_root, print_report, run_check
 
 # A/cases.csv lines: 1 header, 2 a1 (he=1, mask), 3 a2 (he=0, mask), 4 a3 (he unknown, no mask).
@@ -381,13 +381,13 @@ def test_unreadable_dicom_folder(cohort):
 def test_dicom_without_rescale_intercept(cohort, head_ct):
     # Stored values exported as-is (intercept 0): air reads as ~24, not -1000.
     image, _ = head_ct(spacing=(0.5, 0.5, 3.0), origin=(-6.0, -6.0, 10.0))
-    io.write_dicom_series(image + 1024, cohort / "B/images/b2", "b2", extra_tags={"0028|1052": "0"})
+    dicom_io.write_dicom_series(image + 1024, cohort / "B/images/b2", "b2", extra_tags={"0028|1052": "0"})
     assert_only(cohort, "B/images/b2", "rescale intercept missing")
 
 
 def test_dicom_series_with_a_missing_slice(cohort):
     # It still loads (rebuilt on its true 3 mm grid), but a gap is missing data the site should see.
-    files = io.dicom_series_files(cohort / "B/images/b2")
+    files = dicom_io.dicom_series_files(cohort / "B/images/b2")
     Path(files[2]).unlink()
     problem = assert_only(cohort, "B/images/b2", "resampled to a regular 3.00 mm grid")
     assert "slice spacing varies 3.00-6.00 mm (1 gap(s): missing slices?)" in problem.reason
@@ -396,7 +396,7 @@ def test_dicom_series_with_a_missing_slice(cohort):
 def test_a_case_folder_holding_a_whole_study_is_reported_with_the_series_read(cohort, head_ct):
     # It loads (the axial soft-tissue series is chosen), but a training case should be one series.
     image, _ = head_ct(spacing=(0.5, 0.5, 3.0), origin=(-6.0, -6.0, 10.0))
-    io.write_dicom_series(image, cohort / "B/images/b2-bone", "b2", series_description="BONE",
+    dicom_io.write_dicom_series(image, cohort / "B/images/b2-bone", "b2", series_description="BONE",
                           extra_tags={"0028|1051": "2000"})
     for path in (cohort / "B/images/b2-bone").iterdir():
         path.rename(cohort / "B/images/b2" / f"bone-{path.name}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.data import io
+from common.data import dicom_io, io
 from common.data.dicom_geometry import SliceStack, sample_on_slices
 from common.errors import DataError
 
@@ -32,7 +32,7 @@ def linear_field_series(folder, tilt_deg=0.0, size=(40, 36, 10), spacing=(1.0, 1
     values = np.asarray(points @ COEF, dtype=np.float32)
     stored = sitk.GetImageFromArray(values)
     stored.CopyInformation(image)
-    io.write_dicom_series(stored, folder, "tilt")
+    dicom_io.write_dicom_series(stored, folder, "tilt")
     return values
 
 
@@ -57,7 +57,7 @@ def ndi_erode(mask: np.ndarray, margin: int) -> np.ndarray:
 
 def test_gantry_tilted_series_is_rebuilt_where_its_slices_lie(tmp_path):
     linear_field_series(tmp_path / "tilt", tilt_deg=15.0)
-    naive = sitk.ReadImage(io.dicom_series_files(tmp_path / "tilt"), sitk.sitkFloat32)
+    naive = sitk.ReadImage(dicom_io.dicom_series_files(tmp_path / "tilt"), sitk.sitkFloat32)
     assert field_error(naive) > 30  # ITK alone: the top slices sit ~13 mm off (x 3 HU/mm)
     notes = []
     image = io.read_ct(tmp_path / "tilt", notes)
@@ -70,7 +70,7 @@ def test_gantry_tilted_series_is_rebuilt_where_its_slices_lie(tmp_path):
 def test_missing_slice_keeps_true_spacing_and_interpolates_the_gap(tmp_path):
     values = linear_field_series(tmp_path / "full")
     complete = io.read_ct(tmp_path / "full")
-    files = io.dicom_series_files(tmp_path / "full")
+    files = dicom_io.dicom_series_files(tmp_path / "full")
     (tmp_path / "full" / files[4].split("/")[-1]).unlink()
     notes = []
     image = io.read_ct(tmp_path / "full", notes)
@@ -90,7 +90,7 @@ def test_regular_series_is_read_unchanged_without_notes(tmp_path):
 
 def test_two_slices_at_one_position_are_refused(tmp_path):
     linear_field_series(tmp_path / "s", size=(16, 16, 6))
-    io.write_dicom_series(sitk.ReadImage(io.dicom_series_files(tmp_path / "s")[:2]), tmp_path / "copy", "tilt",
+    dicom_io.write_dicom_series(sitk.ReadImage(dicom_io.dicom_series_files(tmp_path / "s")[:2]), tmp_path / "copy", "tilt",
                           series_description="NCCT")  # same series UID, positions of slices 0 and 1
     for path in (tmp_path / "copy").iterdir():
         path.rename(tmp_path / "s" / f"dup-{path.name}")
@@ -103,7 +103,7 @@ def test_mask_on_the_read_grid_maps_back_onto_each_acquired_slice(tmp_path, tilt
     linear_field_series(tmp_path / "s", tilt_deg=tilt_deg)
     image = io.read_ct(tmp_path / "s")
     mask = sitk.Cast(image > 180.0, sitk.sitkUInt8)  # a level set of the field
-    files = io.dicom_series_files(tmp_path / "s")
+    files = dicom_io.dicom_series_files(tmp_path / "s")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()

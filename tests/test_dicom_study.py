@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.data import io
+from common.data import dicom_io, io
 from common.data.dicom_study import find_series
 from common.errors import DataError
 from common.inference.predict import find_cases
@@ -28,7 +28,7 @@ def head(shift=0.0, size=(24, 24, 8), spacing=(0.9, 0.9, 5.0)):
 
 def write(image, folder, description, patient="p1", study=STUDY, date="20250101", **tags):
     extra = {"0020|000d": study, "0008|0020": date, **tags}
-    io.write_dicom_series(image, folder, patient_id=patient, series_description=description, extra_tags=extra)
+    dicom_io.write_dicom_series(image, folder, patient_id=patient, series_description=description, extra_tags=extra)
     return folder
 
 
@@ -74,7 +74,7 @@ def test_a_study_export_reads_its_axial_soft_tissue_series_and_says_so(tmp_path,
     assert "'SCOUT' (1 image(s), 5 mm): localizer" in note
     assert "'SAG MPR' (8 image(s), 5 mm): not axial" in note
     assert io.slice_spacing_mm(tmp_path / "export") == pytest.approx(5.0, abs=1e-3)  # the same series
-    assert len(io.dicom_series_files(tmp_path / "export")) == 8
+    assert len(dicom_io.dicom_series_files(tmp_path / "export")) == 8
 
 
 def test_preferences_fall_back_in_order(tmp_path):
@@ -134,7 +134,7 @@ def test_the_dicom_seg_of_an_export_references_the_series_read(tmp_path):
     mask.CopyInformation(source)
     seg = pydicom.dcmread(write_dicom_seg(tmp_path / "export", mask, tmp_path / "mask.seg.dcm", "test-1"))
     referenced = seg.ReferencedSeriesSequence[0]
-    read = [pydicom.dcmread(f) for f in io.dicom_series_files(tmp_path / "export")]
+    read = [pydicom.dcmread(f) for f in dicom_io.dicom_series_files(tmp_path / "export")]
     assert {d.SeriesDescription for d in read} == {"HEAD 5mm"}
     assert referenced.SeriesInstanceUID == read[0].SeriesInstanceUID
     assert {r.ReferencedSOPInstanceUID for r in referenced.ReferencedInstanceSequence} == {d.SOPInstanceUID for d in read}

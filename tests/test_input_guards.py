@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.data import io
+from common.data import dicom_io, image_limits, io
 from common.data.check import check_data_root
 from common.data.contract import Case
 from common.data.preprocess import load_case
@@ -95,12 +95,12 @@ def test_check_and_the_training_loader_refuse_the_bomb_alike(cohort, zero_bomb):
 def test_the_limit_applies_to_every_format_and_can_be_set(tmp_path, monkeypatch, head_ct, enhanced_copy):
     image, _ = head_ct()  # 24 x 24 x 6 = 3456 voxels
     io.write_image(image, tmp_path / "ct.nrrd")
-    io.write_dicom_series(image, tmp_path / "series", "p1")
+    dicom_io.write_dicom_series(image, tmp_path / "series", "p1")
     enhanced_copy(tmp_path / "series", tmp_path / "enhanced")
-    monkeypatch.setenv(io.MAX_VOXELS_ENV, "3456")
+    monkeypatch.setenv(image_limits.MAX_VOXELS_ENV, "3456")
     for path in (tmp_path / "ct.nrrd", tmp_path / "series", tmp_path / "enhanced"):
         assert io.read_ct(path).GetSize() == (24, 24, 6)
-    monkeypatch.setenv(io.MAX_VOXELS_ENV, "3455")
+    monkeypatch.setenv(image_limits.MAX_VOXELS_ENV, "3455")
     limit = "(3,456 voxels) is over hemex's limit of 3,455 voxels (HEMEX_MAX_VOXELS sets it); not read"
     with pytest.raises(DataError) as err:
         io.read_ct(tmp_path / "ct.nrrd")
@@ -109,7 +109,7 @@ def test_the_limit_applies_to_every_format_and_can_be_set(tmp_path, monkeypatch,
         with pytest.raises(DataError) as err:
             io.read_ct(tmp_path / name)
         assert str(err.value) == f"{tmp_path / name}: DICOM series size 24 x 24 x 6 {limit}"
-    monkeypatch.setenv(io.MAX_VOXELS_ENV, "lots")
+    monkeypatch.setenv(image_limits.MAX_VOXELS_ENV, "lots")
     with pytest.raises(ConfigError, match=r"^HEMEX_MAX_VOXELS='lots': expected a whole number of voxels >= 1$"):
         io.read_ct(tmp_path / "ct.nrrd")
 
@@ -275,13 +275,13 @@ def dicom_series(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("dicom") / "series"
     image, _ = synthetic_head_ct()  # 6 slices, 5 mm apart
-    io.write_dicom_series(image, folder, "p1")
+    dicom_io.write_dicom_series(image, folder, "p1")
     return folder
 
 
 def copy_series(series: Path, folder: Path) -> list[Path]:
     shutil.copytree(series, folder)
-    return [Path(f) for f in io.dicom_series_files(folder)]  # position order
+    return [Path(f) for f in dicom_io.dicom_series_files(folder)]  # position order
 
 
 def truncate(path: Path, keep: int | float) -> None:
@@ -389,10 +389,10 @@ def test_read_dicom_dataset_turns_every_parse_failure_into_a_data_error(tmp_path
     path = tmp_path / "x.dcm"
     path.write_bytes(content())
     with pytest.raises(DataError) as err:
-        io.read_dicom_dataset(path, pixels=True, required=("ImagePositionPatient",))
+        dicom_io.read_dicom_dataset(path, pixels=True, required=("ImagePositionPatient",))
     assert str(err.value) == f"{path}: {reason}"
     with pytest.raises(DataError, match=r"missing.dcm: cannot read DICOM file: .*No such file"):
-        io.read_dicom_dataset(tmp_path / "missing.dcm")
+        dicom_io.read_dicom_dataset(tmp_path / "missing.dcm")
 
 
 def deflated_garbage() -> bytes:
@@ -411,7 +411,7 @@ def deflated_garbage() -> bytes:
 
 
 def test_check_reports_a_broken_dicom_case_and_goes_on(cohort):
-    files = [Path(f) for f in io.dicom_series_files(cohort / "B/images/b2")]
+    files = [Path(f) for f in dicom_io.dicom_series_files(cohort / "B/images/b2")]
     for file in files:
         truncate(file, 0.9)
     problems = problems_of(cohort)

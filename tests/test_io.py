@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.data import io
+from common.data import dicom_io, io
 from common.data.contract import Case
 from common.data.preprocess import Geometry, load_case, resample, to_canonical, to_original_grid, window_channels
 from common.errors import DataError
@@ -41,12 +41,12 @@ def test_nifti_round_trip_exact_hu_and_geometry(tmp_path, name, pixel, orientati
 
 def test_dicom_round_trip_exact_hu_geometry_and_rescale(tmp_path):
     image, hu = known_volume()
-    io.write_dicom_series(image, tmp_path / "series", patient_id="p1")
+    dicom_io.write_dicom_series(image, tmp_path / "series", patient_id="p1")
     files = sorted((tmp_path / "series").iterdir())
     assert len(files) == image.GetDepth()
     raw = sitk.ReadImage(str(files[0]))  # one slice: stored values carry the -1024 intercept
-    assert raw.GetMetaData(io.TAG_RESCALE_INTERCEPT).strip() == "-1024"
-    assert raw.GetMetaData(io.TAG_MODALITY).strip() == "CT"
+    assert raw.GetMetaData(dicom_io.TAG_RESCALE_INTERCEPT).strip() == "-1024"
+    assert raw.GetMetaData(dicom_io.TAG_MODALITY).strip() == "CT"
     back = io.read_ct(tmp_path / "series")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), hu)
     assert back.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-4)
@@ -61,7 +61,7 @@ def test_compressed_dicom_series_read_exactly(tmp_path, compression):
     from pydicom.uid import RLELossless
 
     image, hu = known_volume(size=(20, 16, 5))
-    io.write_dicom_series(image, tmp_path / "plain", patient_id="p5")
+    dicom_io.write_dicom_series(image, tmp_path / "plain", patient_id="p5")
     (tmp_path / "packed").mkdir()
     for file in (tmp_path / "plain").iterdir():
         if compression == "RLE":
@@ -88,7 +88,7 @@ def test_compressed_dicom_series_read_exactly(tmp_path, compression):
 
 def test_dicom_non_ct_modality_is_refused(tmp_path):
     image, _ = known_volume()
-    io.write_dicom_series(image, tmp_path / "mr", patient_id="p2", extra_tags={"0008|0060": "MR"})
+    dicom_io.write_dicom_series(image, tmp_path / "mr", patient_id="p2", extra_tags={"0008|0060": "MR"})
     with pytest.raises(DataError, match=r"mr: DICOM modality is 'MR', expected 'CT'"):
         io.read_ct(tmp_path / "mr")
 
@@ -151,7 +151,7 @@ def test_slice_spacing_from_headers_whatever_the_storage(tmp_path, enhanced_copy
     assert io.slice_spacing_mm(tmp_path / "permuted.nii.gz") == pytest.approx(5.2)
     io.write_image(sitk.DICOMOrient(image, "RAI"), tmp_path / "flipped.nrrd")
     assert io.slice_spacing_mm(tmp_path / "flipped.nrrd") == pytest.approx(5.2)
-    io.write_dicom_series(image, tmp_path / "series", "P9")
+    dicom_io.write_dicom_series(image, tmp_path / "series", "P9")
     assert io.slice_spacing_mm(tmp_path / "series") == pytest.approx(5.2, abs=1e-4)
     gapped = enhanced_copy(tmp_path / "series", tmp_path / "enhanced", drop=3)  # GDCM alone reads 1 mm here
     assert io.slice_spacing_mm(gapped) == pytest.approx(5.2, abs=1e-4)  # the median step, as read_ct rebuilds it
@@ -163,8 +163,8 @@ def test_broken_or_stray_files_beside_a_series_are_left_out_with_a_note(tmp_path
     import pydicom
 
     image, hu = known_volume()
-    io.write_dicom_series(image, tmp_path / "s", "P1")
-    files = io.dicom_series_files(tmp_path / "s")  # position order
+    dicom_io.write_dicom_series(image, tmp_path / "s", "P1")
+    files = dicom_io.dicom_series_files(tmp_path / "s")  # position order
     data = open(files[3], "rb").read()
     open(files[3], "wb").write(data[: len(data) // 2])  # an interrupted transfer, mid-volume
     (tmp_path / "s" / "zero.dcm").write_bytes(b"")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.data import io
+from common.data import dicom_io, io
 from common.errors import DataError
 from common.inference.bundle import load_bundle, write_manifest, write_untrained_bundle
 from common.inference.predict import predict_case, predict_inputs, risk_band, volume_ml
@@ -84,7 +84,7 @@ def test_nifti_ras_mask_on_original_grid(bundle, tmp_path):
 
 def test_dicom_series_mask_on_original_grid(bundle, tmp_path):
     series = tmp_path / "dicom_case"
-    io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 6.0)), series, "P001")
+    dicom_io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 6.0)), series, "P001")
     source = io.read_ct(series)
     result = predict_case(bundle, series, tmp_path / "out")
     check_outputs(tmp_path / "out", source, bundle)
@@ -104,14 +104,14 @@ def test_a_deidentified_dicom_series_gets_its_mask_result_report_and_seg(bundle,
     import pydicom
 
     series = tmp_path / "deidentified"
-    io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 5.0)), series, "P004")
-    for path in io.dicom_series_files(series):
+    dicom_io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 5.0)), series, "P004")
+    for path in dicom_io.dicom_series_files(series):
         dataset = pydicom.dcmread(path)
         for keyword in DEIDENTIFIED:
             if keyword in dataset:
                 delattr(dataset, keyword)
         dataset.save_as(path)
-    assert "PatientBirthDate" not in pydicom.dcmread(io.dicom_series_files(series)[0])
+    assert "PatientBirthDate" not in pydicom.dcmread(dicom_io.dicom_series_files(series)[0])
     result = predict_case(bundle, series, tmp_path / "out")
     check_outputs(tmp_path / "out", io.read_ct(series), bundle)
     assert result["outputs"]["dicom_seg"] == "mask.seg.dcm"
@@ -119,7 +119,7 @@ def test_a_deidentified_dicom_series_gets_its_mask_result_report_and_seg(bundle,
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                     "AccessionNumber", "ReferringPhysicianName", "StudyID"):
         assert keyword in seg and not seg.data_element(keyword).value, keyword  # present, empty (Type 2)
-    source = pydicom.dcmread(io.dicom_series_files(series)[0])
+    source = pydicom.dcmread(dicom_io.dicom_series_files(series)[0])
     assert seg.StudyInstanceUID == source.StudyInstanceUID
     assert "PatientBirthDate" not in source  # the series on disk is left as it was
 
@@ -131,7 +131,7 @@ def test_gantry_tilted_series_is_predicted_on_its_regular_grid(bundle, tmp_path)
     t = np.deg2rad(12.0)  # slices tilted about x, their origins advancing along the table only
     image.SetDirection((1.0, 0.0, 0.0, 0.0, np.cos(t), 0.0, 0.0, np.sin(t), 1.0))
     series = tmp_path / "tilted"
-    io.write_dicom_series(image, series, "P003")
+    dicom_io.write_dicom_series(image, series, "P003")
     regular = io.read_ct(series)
     result = predict_case(bundle, series, tmp_path / "out")
     # mask.nii.gz lies on the rebuilt, unsheared grid. (The markers are measured on the axis-aligned
@@ -165,14 +165,14 @@ def test_dicom_seg_references_the_source_and_holds_the_mask(tmp_path):
 
     series = tmp_path / "dicom_case"
     image = head_ct(spacing=(0.8, 0.8, 5.0))
-    io.write_dicom_series(image, series, "P002")
+    dicom_io.write_dicom_series(image, series, "P002")
     source = io.read_ct(series)
     hu = sitk.GetArrayFromImage(source)
     mask = sitk.GetImageFromArray(((hu > 50) & (hu < 100)).astype(np.uint8))  # the planted clot
     mask.CopyInformation(source)
     path = write_dicom_seg(series, mask, tmp_path / "mask.seg.dcm", "test-1")
     seg = hd.seg.segread(path)
-    sources = [pydicom.dcmread(f) for f in io.dicom_series_files(series)]
+    sources = [pydicom.dcmread(f) for f in dicom_io.dicom_series_files(series)]
     assert seg.Modality == "SEG" and seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == sources[0].SeriesInstanceUID
@@ -192,7 +192,7 @@ def test_dicom_seg_of_an_enhanced_multiframe_source_references_its_frames(tmp_pa
 
     from common.inference.dicom_seg import write_dicom_seg
 
-    io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 5.0)), tmp_path / "series", "P003")
+    dicom_io.write_dicom_series(head_ct(spacing=(0.8, 0.8, 5.0)), tmp_path / "series", "P003")
     folder = enhanced_copy(tmp_path / "series", tmp_path / "enhanced_case")
     source = io.read_ct(folder)
     hu = sitk.GetArrayFromImage(source)
@@ -231,7 +231,7 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     io.write_image(head_ct(), cases / "good1.nii.gz")
-    io.write_dicom_series(head_ct(), cases / "good2", "P002")
+    dicom_io.write_dicom_series(head_ct(), cases / "good2", "P002")
     io.write_image(head_ct(), cases / "good3.nrrd")
     (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
     # Stored values without the rescale (air at 24 instead of -1000): refused, not scored.

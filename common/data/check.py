@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from rich.console import Console
 from rich.table import Table
 
-from common.data import io
+from common.data import image_limits, io
 from common.data.contract import (IMAGE_SUFFIXES, MASK_SUFFIXES, OPTIONAL_NUMERIC_COLUMNS, case_id_problem,
                                   REQUIRED_COLUMNS, ROOT_FILES, find_image, find_mask, list_centers, parse_he,
                                   parse_optional_float, read_numbered_table, storage_format, strip_suffix)
@@ -350,7 +350,7 @@ def _check_image(root: Path, path: Path) -> tuple[list[Problem], sitk.Image | No
     except DataError as err:  # unreadable, not 3D, not scalar, non-finite, DICOM series issues
         return [Problem(_rel(err.path, root), err.reason)], None
     except RuntimeError as err:  # an ITK failure io did not anticipate must not abort the whole check
-        return [Problem(_rel(path, root), f"cannot read image: {io.error_message(err)}")], None
+        return [Problem(_rel(path, root), f"cannot read image: {image_limits.error_message(err)}")], None
     where = _rel(path, root)
     reasons = notes + hu_problems(sitk.GetArrayViewFromImage(image))
     if not reasons:  # the outline test assumes HU
@@ -377,7 +377,7 @@ def _check_mask(root: Path, path: Path, image: sitk.Image | None, he: int | None
     except DataError as err:
         return [Problem(_rel(err.path, root), err.reason)]
     except RuntimeError as err:
-        return [Problem(where, f"cannot read mask: {io.error_message(err)}")]
+        return [Problem(where, f"cannot read mask: {image_limits.error_message(err)}")]
     problems = []
     if image is not None:
         difference = io.same_grid(image, mask)

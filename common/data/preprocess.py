@@ -14,7 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.data.contract import Case
-from common.data.io import read_ct, read_mask, same_grid, size_problem
+from common.data.image_limits import size_problem
+from common.data.io import read_ct, read_mask, same_grid
 from common.errors import ConfigError, DataError
 
 CANONICAL = "LPS"

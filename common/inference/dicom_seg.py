@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from common import __version__
 from common.data.dicom_geometry import SliceStack, sample_on_slices
-from common.data.io import dicom_series_files, read_dicom_dataset
+from common.data.dicom_io import dicom_series_files, read_dicom_dataset
 from common.errors import DataError
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from common.data.io import write_dicom_series, write_image
+from common.data.dicom_io import write_dicom_series
+from common.data.io import write_image
 from common.errors import ConfigError
 
 KERNELS = {"soft": (0.9, 1.0, 0.0), "standard": (0.7, 0.7, 0.2), "sharp": (0.5, 0.4, 0.6)}
