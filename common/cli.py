@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hemex {args.command}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"hemex {args.command}: terminated (SIGTERM); every process it started was stopped", file=sys.stderr)
+        print(f"hemex {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 143
     finally:
         if main_thread:

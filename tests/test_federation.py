@@ -376,7 +376,7 @@ def test_sigterm_stops_a_simulation_and_everything_it_started(tiny, tmp_path):
         if hemex.poll() is None:
             hemex.kill()
     assert hemex.returncode == 143, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1].startswith("hemex simulate: terminated (SIGTERM)")
+    assert stderr.strip().splitlines()[-1] == "hemex simulate: terminated (SIGTERM)"
     left = processes_naming(str(out), f"127.0.0.1:{port}")
     assert not left, [cmd.replace(b"\0", b" ")[:200] for cmd in left.values()]
 
