@@ -358,7 +358,8 @@ def test_sigterm_stops_a_simulation_and_everything_it_started(tiny, tmp_path):
     out = tmp_path / "run"
     hemex = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", "--data", str(tiny), "--train-centers",
                               "center1,center2,center3", "--test-centers", "center4,center5", "--out", str(out),
-                              *STUDY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              *STUDY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                             errors="replace")
     try:
         port, deadline = None, time.monotonic() + 240
         while time.monotonic() < deadline and hemex.poll() is None:

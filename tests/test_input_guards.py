@@ -198,6 +198,38 @@ def test_a_big_endian_float_nifti_is_read_in_its_own_byte_order(tmp_path):
         io.read_ct(big_endian_nifti(tmp_path / "be.nii", array))
 
 
+def with_pixdim(path: Path, axis: int, value: float) -> Path:
+    """Overwrite pixdim[axis] of a NIfTI-1 file written by ITK (gzipped or not)."""
+    raw = path.read_bytes()
+    gz = raw[:2] == b"\x1f\x8b"
+    data = bytearray(gzip.decompress(raw) if gz else raw)
+    struct.pack_into("<f", data, 76 + 4 * axis, value)
+    path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nii"])
+@pytest.mark.parametrize("axis, value", [(3, 0.0), (1, float("nan")), (2, -0.9)])
+def test_a_nifti_whose_header_loses_its_voxel_size_is_refused(tmp_path, head_ct, name, axis, value):
+    """ITK reads a zero or NaN pixdim as 1 mm (a 5 mm scan's hematoma would measure a fifth of its
+    volume) and a negative one as a negative spacing: refused, naming the file and the field."""
+    image, _ = head_ct()
+    sitk.WriteImage(image, str(tmp_path / name))
+    assert io.read_ct(tmp_path / name).GetSpacing() == pytest.approx(image.GetSpacing())
+    with_pixdim(tmp_path / name, axis, value)
+    with pytest.raises(DataError) as err:
+        io.read_ct(tmp_path / name)
+    assert str(err.value) == (f"{tmp_path / name}: voxel size in the header is not a positive number "
+                              f"(pixdim[{axis}] = {value:g}): the scan's geometry is unknown")
+
+
+def test_check_refuses_a_scan_without_a_voxel_size(cohort):
+    with_pixdim(cohort / "A/images/a1.nii.gz", 3, 0.0)
+    problems = problems_of(cohort)
+    assert len(problems) == 1 and problems[0].startswith(
+        "A/images/a1.nii.gz: voxel size in the header is not a positive number (pixdim[3] = 0)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks: 0 and one whole-number hematoma label
 

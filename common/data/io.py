@@ -8,6 +8,7 @@ orientation and spacing are left to `preprocess.py`.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import uuid
@@ -160,6 +161,8 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
             # also ride along in another format's metadata, so the file's own magic decides.
             if header[344:348] != NIFTI1_MAGIC and header[4:8] != NIFTI2_MAGIC:
                 return None
+            if problem := _nifti1_voxel_size_problem(header):
+                return problem
             counter = _NonFiniteCounter.for_nifti(header, reader)
             present = len(header)
             if counter is not None:
@@ -183,6 +186,22 @@ def _nifti_payload_problem(path: Path, reader: sitk.ImageFileReader) -> str | No
         return (f"{counter.count:,} of {counter.values:,} stored float values are NaN or infinite "
                 "(ITK's NIfTI reader would silently turn them into 0)")
     return None
+
+
+def _nifti1_voxel_size_problem(header: bytes) -> str | None:
+    """Why a NIfTI-1 header's voxel size (pixdim[1..3], mm) is unusable, or None. ITK reads a zero or
+    NaN voxel size as 1 mm without an error, so a 5 mm scan whose pixdim[3] was lost would report a
+    fifth of its hematoma volume; a negative one breaks the standard. (NIfTI-2 headers, rare for
+    CT, are not checked.)"""
+    if header[344:348] != NIFTI1_MAGIC:
+        return None
+    order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    ndim = struct.unpack(f"{order}h", header[40:42])[0]
+    pixdim = struct.unpack(f"{order}8f", header[76:108])
+    bad = [f"pixdim[{i}] = {pixdim[i]:g}" for i in range(1, min(max(ndim, 0), 3) + 1)
+           if not (math.isfinite(pixdim[i]) and pixdim[i] > 0)]
+    return (f"voxel size in the header is not a positive number ({', '.join(bad)}): the scan's geometry "
+            "is unknown") if bad else None
 
 
 # NIfTI datatype codes of float voxel data, and the float each holds (complex: two per voxel).
