@@ -60,18 +60,21 @@ def start_superlink(flwr_home: Path, http_port: int, log_file: Path):
                "--database", str(flwr_home / "state.db"), "--log-file", str(log_file)]
     process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise HemexError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1.0).is_success:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop(process)
-    raise HemexError(f"flower-superlink did not become ready within 60 s; see {log_file}")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise HemexError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1.0).is_success:
+                    return process
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise HemexError(f"flower-superlink did not become ready within 60 s; see {log_file}")
+    except BaseException:  # not ready, or Ctrl-C / SIGTERM while waiting: leave nothing running
+        stop(process)
+        raise
 
 
 def stop(process: subprocess.Popen) -> None:

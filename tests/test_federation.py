@@ -350,9 +350,11 @@ def processes_naming(*needles: str) -> dict[int, bytes]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_simulation_and_everything_it_started(tiny, tmp_path):
-    """A job scheduler's SIGTERM in the middle of a federation: hemex stops its SuperLink, `flwr run`
-    and the simulation runtime, says so in one line and exits 143; nothing of the run is left."""
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_sigterm_stops_a_simulation_and_everything_it_started(tiny, tmp_path, when):
+    """A job scheduler's SIGTERM while the SuperLink starts, or in the middle of a federation: hemex
+    stops its SuperLink, `flwr run` and the simulation runtime, says so in one line and exits 143;
+    nothing of the run is left."""
     import time
 
     out = tmp_path / "run"
@@ -367,9 +369,10 @@ def test_sigterm_stops_a_simulation_and_everything_it_started(tiny, tmp_path):
                 if b"flower-superlink" in cmd:
                     args = cmd.split(b"\0")
                     port = args[args.index(b"--port") + 1].decode()
-            if port and processes_naming(f"127.0.0.1:{port}"):
-                break  # the simulation runtime is up: the run is under way
-            time.sleep(0.5)
+            if port and (when == "starting" or any(b"flwr-simulation" in cmd for cmd in
+                                                   processes_naming(f"127.0.0.1:{port}").values())):
+                break  # the SuperLink process exists / the simulation runtime is up: the run is under way
+            time.sleep(0.5 if when == "running" else 0.05)
         assert port and hemex.poll() is None, "the federation never started"
         hemex.terminate()
         _, stderr = hemex.communicate(timeout=120)
