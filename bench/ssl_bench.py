@@ -22,7 +22,6 @@ Nothing is tuned here: the profile's settings are measured as they are.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -41,6 +40,7 @@ from common.files import seed_everything  # noqa: E402
 from common.metrics.classification import auc, delong_test  # noqa: E402
 from common.phantoms.risk import image_risk_score, phenotype_from_truth  # noqa: E402
 from common.training.classification.prediction import case_logits  # noqa: E402
+from common.training.classification.oracle import read_truth  # noqa: E402
 from common.training.classification.pretraining import (MaskedImageModel, PretrainingSettings, encoder_features,  # noqa: E402
                                                         pretrain)
 from common.training.classification.rois import build_roi_dataset, key, roi_array  # noqa: E402
@@ -111,13 +111,10 @@ def finetuned_scores(initial_state, fit, external, cls, windows) -> dict:
 
 def ceiling_auc(data: Path, external) -> float | None:
     """AUC of the image-observable risk terms on the external cases, from the cohort's truth.csv."""
-    truth = data / "truth.csv"
-    if not truth.is_file():
+    rows = read_truth(data)
+    if rows is None:
         return None
-    with truth.open(encoding="utf-8", newline="") as f:
-        rows = {(r["center"], r["case_id"]): r for r in csv.DictReader(f)}
-    scores = [image_risk_score(phenotype_from_truth(rows[(r.center, r.case_id)])) for r in external.cases]
-    return auc(external.labels(), scores)
+    return auc(external.labels(), [image_risk_score(phenotype_from_truth(rows[key(r)])) for r in external.cases])
 
 
 def compare(results: dict, arm: str, scores: dict, baselines: dict, y) -> None:

@@ -322,19 +322,6 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tiny, tmp_path, 
 # Whole simulated federations (real SuperLink, simulation engine, Ray)
 
 
-def flower_processes() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"flower-superlink" in cmd or b"flwr-simulation" in cmd or b"ClientAppActor" in cmd:
-                pids.append(int(proc.name))
-    return pids
-
-
 def processes_naming(*needles: str) -> dict[int, bytes]:
     """Running processes whose command line contains any of `needles`."""
     found = {}
@@ -347,6 +334,10 @@ def processes_naming(*needles: str) -> dict[int, bytes]:
             if any(n.encode() in cmd for n in needles):
                 found[int(proc.name)] = cmd
     return found
+
+
+def flower_processes() -> list[int]:
+    return list(processes_naming("flower-superlink", "flwr-simulation", "ClientAppActor"))
 
 
 @pytest.mark.slow
