@@ -14,11 +14,9 @@ of the total. Target of issue 8: <= 20 s per case.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

@@ -112,7 +112,7 @@ def runtime_pids(port: int) -> list[int]:
 def reap_runtime(port: int, grace_s: float = 30.0) -> None:
     """The simulation runtime exits on its own once the SuperLink is gone; make sure of it."""
     deadline = time.monotonic() + grace_s
-    while (pids := runtime_pids(port)) and time.monotonic() < deadline:
+    while runtime_pids(port) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in runtime_pids(port):
         try:
@@ -206,7 +206,7 @@ def run_local_federation(settings: FederationSettings, num_cpus: int = 2, timeou
                              f"see {log_path}")
         report["concurrent_sites"] = concurrent_sites  # how many site handlers shared the cores (traffic())
         return report
-    finally:  # also on Ctrl-C or SIGTERM (common/cli.py): nothing of the run is left running
+    finally:  # also on Ctrl-C or SIGTERM (common/cli/__init__.py): nothing of the run is left running
         if process is not None:
             stop(process)
         stop(superlink)

@@ -233,7 +233,7 @@ def test_train_cls_end_to_end_on_the_tiny_cohort(tiny_cohort, tmp_path):
     profile.write_text(TEST_PROFILE, encoding="utf-8")
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "common.cli", "train-cls", "--data", str(data),
-                           "--train-centers", "center1", "center2", "center3", "--test-centers", "center4", "center5",
+                           "--train-centers", "center1,center2,center3", "--test-centers", "center4,center5",
                            "--out", str(out), "--profile", str(profile), "--seed", "0", "--threads", "1"],
                           capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -264,5 +264,5 @@ def test_train_cls_end_to_end_on_the_tiny_cohort(tiny_cohort, tmp_path):
 def test_train_cls_rejects_overlapping_centres(tmp_path, cohort):
     from common.cli import main
 
-    assert main(["train-cls", "--data", str(cohort), "--train-centers", "A", "--test-centers", "A", "B",
+    assert main(["train-cls", "--data", str(cohort), "--train-centers", "A", "--test-centers", "A,B",
                  "--out", str(tmp_path / "o")]) == 2

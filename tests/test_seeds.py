@@ -8,7 +8,7 @@ import statistics
 import pytest
 from rich.console import Console
 
-from common.cli import _seed_list
+from common.cli.federation import _seed_list
 from common.errors import HemexError
 from simulation.seeds import print_seed_summary, seed_summary, write_seed_summary
 

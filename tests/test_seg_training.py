@@ -356,7 +356,7 @@ def test_centre_lists_are_validated(cohort):
         (["--train-centers", "A,Z", "--test-centers", "B"], "unknown centre(s) Z"),
         (["--train-centers", "A", "--test-centers", "A"], "in both --train-centers and --test-centers"),
         (["--train-centers", "A", "--test-centers", "B", "--model", "vnet"], "unknown model 'vnet'"),
-        (["--train-centers", " , ", "--test-centers", "B"], "--train-centers needs"),
+        (["--train-centers", " , ", "--test-centers", "B"], "--train-centers is empty; available centres: A, B"),
     ],
 )
 def test_train_seg_bad_settings_are_one_line_errors(cohort, tmp_path, capsys, extra, message):

@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from rich.console import Console
 from rich.table import Table
 
-from common.data import image_limits, io
+from common.data import io
+from common.data.check_content import axis_spacings, image_problems, mask_problems
 from common.data.contract import (IMAGE_SUFFIXES, MASK_SUFFIXES, OPTIONAL_NUMERIC_COLUMNS, case_id_problem,
                                   REQUIRED_COLUMNS, ROOT_FILES, find_image, find_mask, list_centers, parse_he,
                                   parse_optional_float, read_numbered_table, storage_format, strip_suffix)
-from common.data.plausibility import anatomy_problems, hu_problems
 from common.errors import DataError
 
 ROOT_FILE_PATTERNS = (*ROOT_FILES, "README*")  # besides centre folders; hidden entries are ignored
@@ -330,8 +329,8 @@ def _check_case_files(root: Path, row: _Row, tally: _Tally) -> list[Problem]:
     problems, image = [], None
     if row.image is not None:
         tally.storage.add(storage_format(row.image))
-        image_problems, image = _check_image(root, row.image)
-        problems += image_problems
+        found, image = image_problems(row.image)
+        problems += [Problem(_rel(path, root), reason) for path, reason in found]
         if image is not None:
             inplane, slice_spacing = axis_spacings(image)
             # NIfTI stores spacing as float32: round off the 0.44999998 noise for the summary.
@@ -339,52 +338,8 @@ def _check_case_files(root: Path, row: _Row, tally: _Tally) -> list[Problem]:
             tally.slice.append(round(slice_spacing, 4))
     if row.mask is not None:
         tally.n_masks += 1
-        problems += _check_mask(root, row.mask, image, row.he if row.he_valid else None)
-    return problems
-
-
-def _check_image(root: Path, path: Path) -> tuple[list[Problem], sitk.Image | None]:
-    notes = []  # a series rebuilt on a regular grid loads, but the site should know (gaps: missing data)
-    try:
-        image = io.read_ct(path, notes)
-    except DataError as err:  # unreadable, not 3D, not scalar, non-finite, DICOM series issues
-        return [Problem(_rel(err.path, root), err.reason)], None
-    except RuntimeError as err:  # an ITK failure io did not anticipate must not abort the whole check
-        return [Problem(_rel(path, root), f"cannot read image: {image_limits.error_message(err)}")], None
-    where = _rel(path, root)
-    reasons = notes + hu_problems(sitk.GetArrayViewFromImage(image))
-    if not reasons:  # the outline test assumes HU
-        reasons += anatomy_problems(image)
-    return [Problem(where, reason) for reason in reasons], image
-
-
-def axis_spacings(image: sitk.Image) -> tuple[list[float], float]:
-    """(in-plane spacings, slice spacing) in mm, whatever order the axes are stored in.
-
-    Reorienting to LPS (as preprocessing does) puts the axes closest to patient x and y first, so
-    a scan stored sagittally or with swapped axes still reports its true slice spacing.
-    """
-    spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()
-    return [spacing[0], spacing[1]], spacing[2]
-
-
-def _check_mask(root: Path, path: Path, image: sitk.Image | None, he: int | None) -> list[Problem]:
-    """Mask readable and a label mask (both `io.read_mask`, as training reads it), on the image grid,
-    and not empty when the case is labelled."""
-    where = _rel(path, root)
-    try:
-        mask = io.read_mask(path)
-    except DataError as err:
-        return [Problem(_rel(err.path, root), err.reason)]
-    except RuntimeError as err:
-        return [Problem(where, f"cannot read mask: {image_limits.error_message(err)}")]
-    problems = []
-    if image is not None:
-        difference = io.same_grid(image, mask)
-        if difference:
-            problems.append(Problem(where, f"mask not on the image grid: {difference}"))
-    if he is not None and not sitk.GetArrayViewFromImage(mask).any():
-        problems.append(Problem(where, f"empty mask but he={he} is known: a labelled case must show its hematoma"))
+        found = mask_problems(row.mask, image, row.he if row.he_valid else None)
+        problems += [Problem(_rel(path, root), reason) for path, reason in found]
     return problems
 
 

@@ -26,7 +26,6 @@ from common.training.classification.settings import ClassifierSettings, create_m
 from common.training.classification.storage import save_classifier
 from common.training.classification.training import Budget, train_classifier
 
-MASK_SOURCES = ("reference",)
 METRICS_FORMAT = "hemex-cls-metrics/1"
 
 
@@ -36,13 +35,13 @@ def _log(message: str, quiet: bool = False) -> None:
 
 
 def run_train_cls(data_root: Path, train_centers: list[str], test_centers: list[str], out: Path, *,
-                  profile: str = "cpu", seed: int = 0, mask_source: str = "reference",
+                  profile: str = "cpu", seed: int = 0,
                   mask_provider: MaskProvider | None = None, overrides: dict | None = None, threads: int | None = None,
                   quiet: bool = False) -> dict:
     """Train the ViT centrally on `train_centers`, evaluate on `test_centers`; returns metrics.json's content.
 
-    `mask_provider` (Python callers) replaces the reference masks everywhere (e.g. a trained
-    segmentation model); the CLI offers `--mask-source reference`.
+    The ROIs are centred on the reference masks, unless `mask_provider` (Python callers: a trained
+    segmentation model, as the federation's held-out scoring does) gives the masks.
     """
     from common.baselines import MARKER_MODEL_FEATURES, VOLUME_FEATURES, fit_baseline
     from common.config import load_profile
@@ -57,9 +56,6 @@ def run_train_cls(data_root: Path, train_centers: list[str], test_centers: list[
         raise ConfigError(f"centre(s) {', '.join(overlap)} are both training and test centres")
     if not train_centers or not test_centers:
         raise ConfigError("--train-centers and --test-centers each need at least one centre")
-    if mask_provider is None and mask_source not in MASK_SOURCES:
-        raise ConfigError(f"--mask-source {mask_source!r}: only {', '.join(MASK_SOURCES)} is available here "
-                          "(segmentation-model masks come through a mask provider)")
     loaded_profile = load_profile(profile)
     settings = ClassifierSettings.from_profile(loaded_profile, **(overrides or {}))
     windows = tuple(tuple(w) for w in loaded_profile.get("preprocess", {}).get("windows", DEFAULT_WINDOWS))
@@ -225,7 +221,7 @@ def run_train_cls(data_root: Path, train_centers: list[str], test_centers: list[
         "train_centers": list(train_centers),
         "test_centers": list(test_centers),
         "seed": seed,
-        "mask_source": "provider" if mask_provider is not None else mask_source,
+        "mask_source": "provider" if mask_provider is not None else "reference",
         "patient_score": f"{settings.aggregation} over {settings.k_slices} slices (flip TTA: {settings.tta}), "
                          f"then {calibration.method} calibration",
         "classifier": "ViT fused with the NCCT markers (MarkerFusion)" if settings.marker_fusion else "ViT",
