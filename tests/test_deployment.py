@@ -388,10 +388,11 @@ def deployment(tmp_path_factory):
     started = time.monotonic()
     processes = Processes()
     try:
-        # Development PKI through the real command; "rogue" gets a key that is never registered.
+        # Development PKI through the real command; "rogue" gets a key that is never registered,
+        # "pinned" one registered by the app-trust test.
         certs = root / "pki"
         result = subprocess.run([str(BIN / "hemex"), "certs", "--out", str(certs), "--host", "127.0.0.1",
-                                 "--nodes", ",".join([*CENTERS, "rogue"])], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                 "--nodes", ",".join([*CENTERS, "rogue", "pinned"])], capture_output=True, text=True, encoding="utf-8", errors="replace",
                                 timeout=120)
         assert result.returncode == 0, result.stderr
         spec = root / "cohort.toml"
@@ -567,16 +568,49 @@ def test_unregistered_supernode_is_refused(deployment):
     assert sorted(int(n["node-id"]) for n in listed["nodes"]) == sorted(deployment["node_ids"].values())
 
 
+def start_pinned_supernode(deployment) -> tuple[int, Path]:
+    """A fourth site, registered, whose SuperNode runs only app bundles signed by a key it trusts
+    (Flower's --trusted-entities, given through the deploy script): the coordinator's Ed25519 key
+    from `hemex certs`. Returns its node id and log."""
+    root, certs, port = deployment["root"], deployment["certs"], deployment["port"]
+    registered = flwr_json(["supernode", "register", str(certs / "nodes" / "pinned.pub"), CONNECTION],
+                           deployment["cli_env"], root)
+    assert registered["success"]
+    trusted = root / "trusted-entities.yaml"
+    trusted.write_text(f'hemex-coordinator: "{(certs / "bundle.pub").read_text(encoding="utf-8").strip()}"\n',
+                       encoding="utf-8")
+    node_port = free_port()
+    deployment["processes"].markers.add(f"127.0.0.1:{node_port}".encode())
+    log = root / "supernode-pinned.log"
+    process = deployment["processes"].start(
+        "pinned supernode",
+        ["bash", str(SUPERNODE_SCRIPT), "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+         "--key", str(certs / "nodes" / "pinned.key"), "--center", "pinned", "--data-path",
+         str(deployment["data"] / "center1"), "--port", str(node_port), "--state", str(root / "supernode-pinned"),
+         "--", "--trusted-entities", str(trusted)],
+        flower_env(root / "flwr-home"), log, root)
+    deployment["watched"].append(("pinned supernode", process, log))
+    wait_for(lambda: "SuperNode ID:" in log.read_text(errors="replace"), 180, "the pinned SuperNode to connect",
+             deployment["watched"])
+    return int(registered["node-id"]), log
+
+
 @pytest.mark.slow
 def test_a_poisoning_site_is_rejected_by_centre_and_the_global_model_stays_finite(deployment, tmp_path):
     """Fault injection on real processes: the coordinator submits a copy of the app whose site code
     makes center2 reply NaN weights (a poisoning or broken site; no test hook exists in hemex
     itself). The ServerApp (unchanged) must reject that reply by centre with its reason, aggregate
-    center1 alone, and save and evaluate a finite model."""
+    center1 alone, and save and evaluate a finite model.
+
+    Meanwhile a site that trusts only signed app bundles refuses this one (self-submitted bundles
+    carry no signature in open-source Flower 1.42) before any of its code runs; the coordinator
+    names that node in federation.json and goes on. The pinned site stays for the later runs."""
     import shutil
 
     import numpy as np
     from safetensors.numpy import load_file
+
+    pinned_id, pinned_log = start_pinned_supernode(deployment)
 
     app = tmp_path / "poisoned-app"
     for part in ("client", "common", "configs", "server"):
@@ -603,6 +637,10 @@ def test_a_poisoning_site_is_rejected_by_centre_and_the_global_model_stays_finit
     final = report["stages"]["seg"]["final"]
     for center in ("center1", HELD_OUT):
         assert "error" not in final[center] and 0.0 <= final[center]["dice"] <= 1.0
+    # The pinned site refused the bundle: no ClientApp ran there, and the coordinator names the node.
+    assert report["refused_nodes"] == {str(pinned_id): "The FAB could not be verified."}
+    pinned = pinned_log.read_text(errors="replace")
+    assert "The FAB could not be verified" in pinned and "Receiving: train" not in pinned, pinned[-3000:]
 
 
 @pytest.mark.slow

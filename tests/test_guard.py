@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
 from common.federation.records import PrivacyViolation, check_reply, weights_problem
@@ -296,6 +297,57 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
     with pytest.raises(ConfigError, match="no node answered for centre.s. h3"):
         federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01), seg_rounds=1).execute()
 
+
+
+class RefusingGrid(SiteGrid):
+    """Nodes named in `refusing` answer every message as a SuperNode that trusts only signed app
+    bundles answers an unsigned one (Flower 1.42's reply, before any hemex code runs)."""
+
+    def __init__(self, names, train, refusing):
+        super().__init__(names, train)
+        self.refusing = refusing
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        refused = [m for m in messages if self.nodes[m.metadata.dst_node_id] in self.refusing]
+        replies = super().send_and_receive([m for m in messages if m not in refused], timeout)
+        return replies + [Message(Error(code=ErrorCode.INVALID_FAB, reason="The FAB could not be verified."),
+                                  reply_to=m) for m in refused]
+
+
+def test_a_node_that_refuses_the_app_is_named_by_node_id_and_a_refusing_training_centre_stops_the_run(tmp_path):
+    from common.errors import ConfigError
+
+    # A node outside the run's centres refuses: recorded, and the run goes on without it.
+    grid = RefusingGrid(["h1", "h2", "h3", "h4", "pinned"], lambda c: 0.01, {"pinned"})
+    report = federated_run(tmp_path, grid, seg_rounds=1).execute()
+    assert report["refused_nodes"] == {"5": "The FAB could not be verified."}
+    assert set(report["stages"]["seg"]["rounds"][0]["train"]["sent_bytes"]) == {"h1", "h2", "h3"}
+    # A training centre's node refuses: the run stops before any round, naming the node and why.
+    with pytest.raises(ConfigError, match=r"no node answered for centre\(s\) h3 .*4 node\(s\) connected; "
+                                          r"node 3: The FAB could not be verified\.\)$"):
+        federated_run(tmp_path, RefusingGrid(["h1", "h2", "h3", "h4"], lambda c: 0.01, {"h3"}),
+                      seg_rounds=1, resume=False).execute()
+
+
+class Reconnecting(RefusingGrid):
+    """h3's node connects only `delay` s after the grid is made (a site reconnecting after a
+    restart), while a node outside the run that refuses the app is connected from the start."""
+
+    def __init__(self, delay):
+        super().__init__(["h1", "h2", "h3", "h4", "pinned"], lambda c: 0.01, {"pinned"})
+        self.visible_from = time.monotonic() + delay
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if self.nodes[n] != "h3" or time.monotonic() >= self.visible_from]
+
+
+def test_discovery_waits_for_every_expected_centre_not_for_a_node_count(tmp_path):
+    """Four nodes connected (three expected centres and a refusing outsider) are as many as the
+    centres expected, but h3 is not among them: it must still be waited for, within node-wait-s."""
+    report = federated_run(tmp_path, Reconnecting(1.5), seg_rounds=1, node_wait_s=5.0).execute()
+    assert set(report["stages"]["seg"]["rounds"][0]["train"]["sent_bytes"]) == {"h1", "h2", "h3"}
+    assert report["refused_nodes"] == {"5": "The FAB could not be verified."}
 
 class LateStarter(SiteGrid):
     """h3 answers its first message (query.info) only `delay` s after it was sent (None: never),

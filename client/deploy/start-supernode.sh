@@ -24,6 +24,12 @@
 #              is used when larger); --max-cls-scorings: it scores at most N classifier models
 #              per run (the run's value when smaller). A coordinator cannot loosen either.
 #
+# -- --trusted-entities FILE  (Flower's own option) run only app bundles signed by a key in FILE,
+#              a YAML map of key id -> 'ssh-ed25519 ...' public key (e.g. the coordinator's
+#              bundle.pub). In open-source Flower 1.42 only bundles fetched from Flower Hub carry
+#              signatures: a SuperNode with this option refuses every bundle a coordinator submits
+#              with `flwr run .` (tested), so hemex deployments cannot use it yet (README, Security).
+#
 # Scans never leave the site: the ClientApp reads --data-path locally and replies with model
 # weights and aggregate metrics only. The script execs flower-supernode (signals reach it).
 set -euo pipefail
