@@ -233,7 +233,10 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
     io.write_image(head_ct(), cases / "good1.nii.gz")
     dicom_io.write_dicom_series(head_ct(), cases / "good2", "P002")
     io.write_image(head_ct(), cases / "good3.nrrd")
+    io.write_image(head_ct(), cases / "good4.mhd")  # header + data file: one case
     (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
+    (cases / "notes.txt").write_text("scanner log\n", encoding="utf-8")  # not read, and said so
+    (cases / "loose.dcm").write_bytes(b"\0" * 132 + b"DICM")
     # Stored values without the rescale (air at 24 instead of -1000): refused, not scored.
     io.write_image(sitk.Cast(head_ct() + 1024, sitk.sitkUInt16), cases / "raw.nii.gz")
     summary = predict_inputs(bundle, cases, tmp_path / "out")
@@ -242,7 +245,9 @@ def test_batch_with_a_broken_case(bundle, tmp_path):
         "raw.nii.gz: not a head NCCT in Hounsfield units: no voxel below -200 HU: probably not HU "
         "(rescale intercept missing?)")
     assert not (tmp_path / "out" / "raw").exists()
-    assert all(summary["cases"][name]["status"] == "ok" for name in ("good1", "good2", "good3"))
+    assert all(summary["cases"][name]["status"] == "ok" for name in ("good1", "good2", "good3", "good4"))
+    assert set(summary["skipped"]) == {"notes.txt", "loose.dcm"}
+    assert "a DICOM series goes in a folder of its own" in summary["skipped"]["loose.dcm"]
     error = summary["cases"]["broken"]["error"]
     assert "broken.nii.gz" in error and "\n" not in error
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))

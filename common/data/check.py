@@ -181,7 +181,7 @@ def _check_folder_entries(root: Path, folder: Path, case_ids: set[str], kind: st
     suffixes = IMAGE_SUFFIXES if kind == "image" else MASK_SUFFIXES
     expected = ("<case_id>" + ", ".join(suffixes) + (" or a DICOM folder <case_id>/" if kind == "image" else ""))
     entries, problems = _visible_entries(folder, root)
-    companions = _metaimage_data_files(entries)
+    companions = io.metaimage_data_files(entries)
     for entry in entries:
         if entry.name in companions:  # an .mhd header's voxel data: read with its header
             continue
@@ -195,20 +195,6 @@ def _check_folder_entries(root: Path, folder: Path, case_ids: set[str], kind: st
         if key not in case_ids:
             problems.append(Problem(_rel(entry, root), f"orphan {kind}: no row for case {key!r} in cases.csv"))
     return problems
-
-
-def _metaimage_data_files(entries: list[Path]) -> set[str]:
-    """Names of the data files that the folder's .mhd headers point to (ElementDataFile)."""
-    names = set()
-    for entry in entries:
-        if entry.name.endswith(".mhd") and entry.is_file():
-            try:
-                header = io.metaimage_header(entry)
-            except OSError:
-                continue  # unreadable: reported when the image itself is read
-            if header is not None:
-                names.add(Path(header[0]["ElementDataFile"]).name)
-    return names
 
 
 def _visible_entries(folder: Path, root: Path) -> tuple[list[Path], list[Problem]]:

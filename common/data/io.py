@@ -302,3 +302,15 @@ def write_image(image: sitk.Image, path: Path, compress: bool = True) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def metaimage_data_files(entries: list[Path]) -> set[str]:
+    """Names of the data files that the folder's .mhd headers point to (ElementDataFile)."""
+    names = set()
+    for entry in entries:
+        if entry.name.endswith(".mhd") and entry.is_file():
+            try:
+                header = metaimage_header(entry)
+            except OSError:
+                continue  # unreadable: reported when the image itself is read
+            if header is not None:
+                names.add(Path(header[0]["ElementDataFile"]).name)
+    return names

@@ -46,7 +46,7 @@ import SimpleITK as sitk
 
 from common.data.contract import IMAGE_SUFFIXES
 from common.data.dicom_study import count_studies
-from common.data.io import read_ct, write_image
+from common.data.io import metaimage_data_files, read_ct, write_image
 from common.data.plausibility import anatomy_problems, coverage_problems, hu_problems
 from common.data.preprocess import DEFAULT_WINDOWS, Geometry, Sample, resample_sample, to_canonical, to_original_grid
 from common.errors import DataError, HemexError
@@ -136,7 +136,10 @@ def predict_case(bundle: Bundle, input_path: Path, out_dir: Path) -> dict:
     if refused:  # raw stored values or a wrong rescale: any probability would be meaningless
         raise DataError(input_path, "not a head NCCT in Hounsfield units: " + "; ".join(refused))
     warnings += anatomy_problems(image) + coverage_problems(image)
-    working = resample_sample(native, bundle.spacing, bundle.windows)
+    try:
+        working = resample_sample(native, bundle.spacing, bundle.windows)
+    except ValueError as err:  # the working grid's size limit (preprocess.axis_aligned_grid)
+        raise DataError(input_path, str(err)) from err
     timing["load_s"] = time.perf_counter() - started
 
     t = time.perf_counter()
@@ -310,13 +313,31 @@ def find_cases(input_path: Path) -> list[Path]:
     return cases
 
 
+def skipped_entries(input_path: Path, cases: list[Path]) -> dict[str, str]:
+    """Files in a batch folder that are not cases, with why: a site should see what was not read."""
+    input_path = Path(input_path)
+    if not input_path.is_dir() or cases == [input_path]:
+        return {}
+    entries = [p for p in input_path.iterdir() if not p.name.startswith(".")]
+    data_files = metaimage_data_files(entries)
+    return {p.name: f"not an image file hemex reads ({', '.join(IMAGE_SUFFIXES)}); a DICOM series goes in a "
+                    "folder of its own" for p in sorted(entries)
+            if p not in cases and p.is_file() and p.name not in data_files}
+
+
 def predict_inputs(bundle: Bundle, input_path: Path, out: Path, log=None) -> dict:
     """Batch prediction: INPUT is a NIfTI file, a DICOM series folder, or a folder of such cases.
     Each case goes to OUT/<case name>/; OUT/summary.json lists every case with its result or its
-    one-line error (a broken case does not stop the others)."""
+    one-line error (a broken case does not stop the others), and every file it did not read."""
     out = Path(out)
     cases = find_cases(input_path)
     summary = {"model_version": bundle.version, "input": str(input_path), "cases": {}, "failed": 0}
+    skipped = skipped_entries(input_path, cases)
+    if skipped:
+        summary["skipped"] = skipped
+        if log:
+            for name, why in skipped.items():
+                log(f"skipped {name}: {why}")
     for case in cases:
         name = case_name(case)
         try:
