@@ -184,6 +184,20 @@ def test_missing_required_column(cohort, header, missing):
     assert missing in problem.reason
 
 
+
+@pytest.mark.parametrize("separator, name", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_cases_table_not_separated_by_commas_says_so_in_check_and_training(cohort, separator, name):
+    from common.data.contract import read_cohort
+    from common.errors import DataError
+
+    lines = (cohort / "A/cases.csv").read_text(encoding="utf-8").splitlines()
+    (cohort / "A/cases.csv").write_text("\n".join(line.replace(",", separator) for line in lines) + "\n",
+                                        encoding="utf-8")
+    problem = assert_only(cohort, "A/cases.csv", "missing required column(s): case_id, he")
+    assert problem.reason.endswith(f"cases.csv must be comma-separated, this one looks separated by {name}")
+    with pytest.raises(DataError, match=f"this one looks separated by {name}"):
+        read_cohort(cohort, ["A"])
+
 def test_duplicate_column(cohort):
     (cohort / "B/cases.csv").write_text("case_id,he,he\nb1,1,1\nb2,0,0\n", encoding="utf-8")
     assert_only(cohort, "B/cases.csv", "duplicate column(s): he")

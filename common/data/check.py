@@ -23,7 +23,7 @@ from rich.table import Table
 from common.data import io
 from common.data.check_content import axis_spacings, image_problems, mask_problems
 from common.data.contract import (IMAGE_SUFFIXES, MASK_SUFFIXES, OPTIONAL_NUMERIC_COLUMNS, case_id_problem,
-                                  REQUIRED_COLUMNS, ROOT_FILES, find_image, find_mask, list_centers, parse_he,
+                                  missing_columns_problem, ROOT_FILES, find_image, find_mask, list_centers, parse_he,
                                   parse_optional_float, read_numbered_table, storage_format, strip_suffix)
 from common.errors import DataError
 
@@ -259,10 +259,9 @@ def _read_cases(root: Path, center_dir: Path, problems: list[Problem]) -> list[t
     duplicates = sorted({c for c in header if header.count(c) > 1})
     if duplicates:  # csv.DictReader keeps only the last of same-named columns
         problems.append(Problem(where, f"duplicate column(s): {', '.join(duplicates)}"))
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = missing_columns_problem(header)
     if missing:
-        problems.append(Problem(where, f"missing required column(s): {', '.join(missing)} "
-                                f"(header is {','.join(header)})"))
+        problems.append(Problem(where, missing))
         return None
     if not rows:
         problems.append(Problem(where, "no case rows (only a header)"))

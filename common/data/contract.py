@@ -168,9 +168,9 @@ def read_center(center_dir: Path) -> list[Case]:
     if not table.is_file():
         raise DataError(table, "missing (every centre folder needs cases.csv)")
     header, rows = read_table(table)
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise DataError(table, f"missing required column(s): {', '.join(missing)}")
+    problem = missing_columns_problem(header)
+    if problem:
+        raise DataError(table, problem)
     cases, seen = [], set()
     for line, row in enumerate(rows, start=2):
         case = parse_row(center_dir, row, line)
@@ -179,6 +179,20 @@ def read_center(center_dir: Path) -> list[Case]:
         seen.add(case.case_id)
         cases.append(case)
     return cases
+
+
+def missing_columns_problem(header: list[str]) -> str | None:
+    """Why a cases.csv header lacks a required column, with a hint when the file is separated by
+    semicolons or tabs (spreadsheet exports in many locales) instead of commas."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if not missing:
+        return None
+    joined = ",".join(header)
+    problem = f"missing required column(s): {', '.join(missing)} (header is {joined})"
+    for separator, name in ((";", "semicolons"), ("\t", "tabs")):
+        if separator in joined:
+            return f"{problem}; cases.csv must be comma-separated, this one looks separated by {name}"
+    return problem
 
 
 def read_cohort(root: Path, centers: list[str] | None = None) -> dict[str, list[Case]]:
