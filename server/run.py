@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -13,7 +12,6 @@ from flwr.serverapp import Grid
 
 from common import __version__
 from common.config import load_profile
-from common.errors import ConfigError
 from common.files import seed_everything, versions, write_json
 from common.federation.progress import EVENTS_NAME, ProgressLog
 from common.federation.records import to_record
@@ -26,12 +24,12 @@ from common.training.classification.settings import ClassifierSettings
 from common.training.classification.settings import create_model as create_classifier_model
 from common.training.settings import SegmentationSettings
 from server.checkpoint import ServerCheckpoints, training_settings
+from server.discovery import NOT_EVALUATED, discover_sites
 from server.classifier_arms import score_arms, train_arms
 from server.grid import Deadlines, StageGrid, collect_replies, error_summary
 from server.guard import GuardedStrategy, RunFailed, metrics_reply_problem
 from server.strategies import build_strategy
 
-NOT_EVALUATED = "not evaluated: no node answered for this centre at start-up"
 
 
 class FederatedRun:
@@ -74,59 +72,13 @@ class FederatedRun:
 
     # --------------------------------------------------------------------------------------
     def discover(self) -> dict[str, int]:
-        """Map centre ids to node ids, waiting at most node-wait-s for every expected centre.
-
-        Nodes are asked as they connect, until every expected centre has answered: a node count
-        would stop too early when a node outside the run (or one that refuses the app) is
-        connected while an expected site is still reconnecting."""
-        expected = set(self.settings.node_centers)
-        deadline = time.monotonic() + self.settings.node_wait_s
-        # A first message makes each site load its app and libraries, and a site may still be
-        # finishing stale work of an earlier run: the straggler rule gives it at least node-wait-s
-        # more (a site silent even then is missing; round-timeout-s stays the hard limit).
-        deadlines = replace(self.deadlines, straggler_grace_s=max(self.deadlines.straggler_grace_s,
-                                                                   self.settings.node_wait_s))
-        asked: set[int] = set()
-        centers, counts, refused = {}, {}, {}
-        while True:
-            new = [n for n in self.grid.get_node_ids() if n not in asked]
-            asked.update(new)
-            messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info")
-                        for n in new]
-            for reply in collect_replies(self.grid, messages, deadlines)[0] if messages else []:
-                if reply.has_error():
-                    # E.g. a site whose SuperNode trusts only signed app bundles refuses this one
-                    # before any hemex code runs: it has no centre to name, only its node id.
-                    refused[str(reply.metadata.src_node_id)] = error_summary(reply.error.reason)
-                    self.log(f"node {reply.metadata.src_node_id} failed to describe itself: "
-                             f"{refused[str(reply.metadata.src_node_id)]}")
-                    continue
-                center = str(reply.content["info"]["center"])
-                if center in centers:
-                    raise ConfigError(f"two nodes claim centre {center!r} (nodes {centers[center]} and "
-                                      f"{reply.metadata.src_node_id})")
-                centers[center] = reply.metadata.src_node_id
-                counts[center] = dict(reply.content["metrics"])
-                declared = counts[center].get("num-cases")
-                if isinstance(declared, (int, float)) and float(declared).is_integer() and declared >= 0:
-                    self.declared_cases[center] = int(declared)
-            if expected <= set(centers) or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-        if refused:
-            self.report["refused_nodes"] = refused
-        missing = expected - set(centers)
-        # A silent held-out centre is reported as not evaluated; a silent training centre stops the run.
-        if missing - set(self.settings.test_centers):
-            failed = "".join(f"; node {node}: {why}" for node, why in sorted(refused.items()))
-            raise ConfigError(f"no node answered for centre(s) {', '.join(sorted(missing))} within node-wait-s / "
-                              f"round-timeout-s (answered: {', '.join(sorted(centers)) or 'none'}; "
-                              f"{len(asked)} node(s) connected{failed})")
-        if missing:
-            self.log(f"held-out centre(s) {', '.join(sorted(missing))} did not answer within node-wait-s: "
-                     "not evaluated")
-        self.centers = {c: centers[c] for c in self.settings.node_centers if c in centers}
-        self.report["centers"] = {c: {**counts.get(c, {"not_evaluated": NOT_EVALUATED}),
+        """Map centre ids to node ids (server/discovery.py) and record what each site declared."""
+        found = discover_sites(self.grid, self.settings, self.deadlines, self.log)
+        self.declared_cases = found.declared_cases
+        if found.refused:
+            self.report["refused_nodes"] = found.refused
+        self.centers = found.centers
+        self.report["centers"] = {c: {**found.counts.get(c, {"not_evaluated": NOT_EVALUATED}),
                                       "role": "test" if c in self.settings.test_centers else "train"}
                                   for c in self.settings.centers}
         return self.centers

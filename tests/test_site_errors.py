@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.errors import SALT_KEY, site_errors
 from common.data.io import read_ct
 from server.grid import StageGrid, error_summary
-from server.run import write_json
+from common.files import write_json
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 PATIENT_ID = "PAT-4711"
