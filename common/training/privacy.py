@@ -33,7 +33,7 @@ from common.files import seed_everything
 from common.networks.vit import marker_inputs
 from common.training.classification.rois import case_markers, roi_array
 from common.training.classification.settings import ClassifierSettings
-from common.training.classification.training import augment_batch, he_loss, make_optimizer, optimizer_step, set_schedule
+from common.training.classification.training import classifier_step, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,10 @@ def train_classifier_dp(model: nn.Module, train_rois: Sequence[CaseROIs], epochs
                         noise_only_step(optimizer, dp, batch)
                         step += 1
                         continue
-                    if settings.augment:
-                        xb = augment_batch(xb, settings, generator, widths)
-                    set_schedule(optimizer, schedule_offset + step, total, settings.warmup_fraction)
-                    out = private(xb, fb) if n_markers else private(xb)
                     # Opacus clips per patient and adds the noise inside optimizer.step: no norm clip here.
-                    losses.append(optimizer_step(optimizer, he_loss(out, yb, pos_weight), step))
+                    losses.append(classifier_step(private, optimizer, (xb, fb if n_markers else None, yb), step,
+                                                  (schedule_offset, total), settings=settings, generator=generator,
+                                                  widths=widths, pos_weight=pos_weight))
                     step += 1
     finally:
         private._close()  # detach Opacus' hooks: `model` is a plain module again

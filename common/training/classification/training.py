@@ -212,6 +212,27 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: i
     return loss.item()
 
 
+def classifier_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, step: int,
+                    schedule: tuple[int, int], *, settings: ClassifierSettings, generator: torch.Generator,
+                    widths: list[float], pos_weight: torch.Tensor, extend_loss=None, clip_params=None,
+                    device="cpu") -> float:
+    """One training step of the HE classifier, plain or DP-SGD: augment the batch (x, markers or
+    None, labels), set the learning rate at `step` of the schedule (offset, total), take the
+    class-weighted HE loss, let `extend_loss(out, loss)` add terms (auxiliary heads, FedProx), and
+    step (norm-clipped over `clip_params` at settings.grad_clip; DP-SGD clips per patient instead)."""
+    xb, fb, yb = batch
+    if settings.augment:
+        xb = augment_batch(xb, settings, generator, widths)
+    xb, yb = xb.to(device), yb.to(device)
+    offset, total = schedule
+    set_schedule(optimizer, offset + step, total, settings.warmup_fraction)
+    out = model(xb) if fb is None else model(xb, fb.to(device))
+    loss = he_loss(out, yb, pos_weight.to(device))
+    if extend_loss is not None:
+        loss = extend_loss(out, loss)
+    return optimizer_step(optimizer, loss, step, clip_params, settings.grad_clip if clip_params is not None else 0.0)
+
+
 def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, seed: int = 0, extra_he_rois=None,
                      proximal_mu: float = 0.0, global_params: dict[str, torch.Tensor] | None = None, *,
                      settings: ClassifierSettings | None = None, extra_he_masks=None,
@@ -288,20 +309,21 @@ def train_classifier(model: nn.Module, train_rois: Sequence[CaseROIs], budget, s
             if cursor + batch > n:
                 order, cursor = torch.randperm(n, generator=generator), 0
             idx, cursor = order[cursor:cursor + batch], cursor + batch
-        xb, yb = x_all[idx], y_all[idx]
-        if settings.augment:
-            xb = augment_batch(xb, settings, generator, widths)
-        xb, yb = xb.to(device), yb.to(device)
-        set_schedule(opt, schedule_offset + step, schedule_total, settings.warmup_fraction)
-        out = model(xb) if f_all is None else model(xb, f_all[idx].to(device))
-        loss = he_loss(out, yb, pos_weight.to(device))
-        if aux is not None:
-            known = aux_known[idx].to(device)
-            err = (out[:, 1:] - aux[idx].to(device)) ** 2 * known[:, None]
-            loss = loss + settings.aux_weight * err.sum() / max(float(known.sum()) * aux.shape[1], 1.0)
-        if anchor is not None:
-            loss = loss + proximal_mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
-        losses.append(optimizer_step(opt, loss, step, model.parameters(), settings.grad_clip))
+
+        def extend_loss(out, loss, idx=idx):
+            if aux is not None:
+                known = aux_known[idx].to(device)
+                err = (out[:, 1:] - aux[idx].to(device)) ** 2 * known[:, None]
+                loss = loss + settings.aux_weight * err.sum() / max(float(known.sum()) * aux.shape[1], 1.0)
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(((p - anchor[name]) ** 2).sum()
+                                                    for name, p in model.named_parameters())
+            return loss
+
+        batch_xy = (x_all[idx], None if f_all is None else f_all[idx], y_all[idx])
+        losses.append(classifier_step(model, opt, batch_xy, step, (schedule_offset, schedule_total), settings=settings,
+                                      generator=generator, widths=widths, pos_weight=pos_weight,
+                                      extend_loss=extend_loss, clip_params=model.parameters(), device=device))
         if ema is not None:
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
