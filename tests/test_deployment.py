@@ -748,12 +748,12 @@ def test_supernode_state_defaults_to_a_per_user_folder_outside_the_app(tmp_path)
     assert done.stdout.strip() == f"FLWR_HOME={tmp_path / 'state' / 'hemex' / 'supernode-c1' / 'flwr-home'}"
 
 
-def test_the_app_bundle_holds_only_the_apps_and_never_supernode_state():
+def test_the_app_bundle_holds_only_the_apps_and_never_supernode_state(tmp_path):
     import tomli
     from flwr.cli.build import get_filtered_fab_paths
     from flwr.cli.utils import collect_files, filter_paths_for_publish
 
-    from simulation.run import check_app_bundle
+    from simulation.run import check_app_bundle, stage_app
 
     files = collect_files(REPO)
     # SuperNode state left in the app folder by an older script (installed bundles, JSON, Python).
@@ -762,7 +762,12 @@ def test_the_app_bundle_holds_only_the_apps_and_never_supernode_state():
     paths = get_filtered_fab_paths(filter_paths_for_publish(files), config)
     assert {p.split("/")[0] for p in paths} == {"client", "common", "configs", "server"}
     assert "server/run.py" in paths and "configs/profiles/smoke.toml" in paths
-    assert check_app_bundle() < 2 * 2**20  # ~0.6 MiB, far below Flower's 10 MiB
+    # A local federation submits a staged copy of the app: the very files Flower would bundle.
+    staged = stage_app(REPO, tmp_path / "app")
+    assert sorted(get_filtered_fab_paths(filter_paths_for_publish(collect_files(staged)), config)) == sorted(paths)
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == sorted(
+        [*paths, "pyproject.toml"])
+    assert check_app_bundle(staged) < 2 * 2**20  # ~0.6 MiB, far below Flower's 10 MiB
 
 
 def test_an_oversized_app_bundle_is_a_one_line_error_naming_the_biggest_entries(tmp_path):
