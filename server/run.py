@@ -24,12 +24,11 @@ from common.training.classification.settings import ClassifierSettings
 from common.training.classification.settings import create_model as create_classifier_model
 from common.training.settings import SegmentationSettings
 from server.checkpoint import ServerCheckpoints, training_settings
-from server.discovery import NOT_EVALUATED, discover_sites
 from server.classifier_arms import score_arms, train_arms
+from server.discovery import NOT_EVALUATED, discover_sites
 from server.grid import Deadlines, StageGrid, collect_replies, error_summary
 from server.guard import GuardedStrategy, RunFailed, metrics_reply_problem
 from server.strategies import build_strategy
-
 
 
 class FederatedRun:
