@@ -537,18 +537,27 @@ def test_federation_over_tls_with_authenticated_supernodes(deployment):
         assert "Receiving: evaluate.seg" in text
 
 
-@pytest.mark.slow
-def test_unregistered_supernode_is_refused(deployment):
-    root, certs, port = deployment["root"], deployment["certs"], deployment["port"]
+def start_extra_supernode(deployment, name: str, extra: list[str] = ()) -> tuple[subprocess.Popen, Path]:
+    """A SuperNode beyond the fixture's three, with key `name` (from `hemex certs`) and center1's
+    data, through the deploy script; `extra` is appended to its arguments. Returns it and its log."""
+    root, certs = deployment["root"], deployment["certs"]
     node_port = free_port()
     deployment["processes"].markers.add(f"127.0.0.1:{node_port}".encode())
-    log = root / "supernode-rogue.log"
-    rogue = deployment["processes"].start(
-        "rogue supernode",
-        ["bash", str(SUPERNODE_SCRIPT), "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
-         "--key", str(certs / "nodes" / "rogue.key"), "--center", "rogue", "--data-path",
-         str(deployment["data"] / "center1"), "--port", str(node_port), "--state", str(root / "supernode-rogue")],
+    log = root / f"supernode-{name}.log"
+    process = deployment["processes"].start(
+        f"{name} supernode",
+        ["bash", str(SUPERNODE_SCRIPT), "--superlink", f"127.0.0.1:{deployment['port']}", "--ca",
+         str(certs / "ca.crt"), "--key", str(certs / "nodes" / f"{name}.key"), "--center", name, "--data-path",
+         str(deployment["data"] / "center1"), "--port", str(node_port), "--state", str(root / f"supernode-{name}"),
+         *extra],
         flower_env(root / "flwr-home"), log, root)
+    return process, log
+
+
+@pytest.mark.slow
+def test_unregistered_supernode_is_refused(deployment):
+    root, certs = deployment["root"], deployment["certs"]
+    rogue, log = start_extra_supernode(deployment, "rogue")
     try:
         code = rogue.wait(timeout=180)
     except subprocess.TimeoutExpired:
@@ -572,23 +581,14 @@ def start_pinned_supernode(deployment) -> tuple[int, Path]:
     """A fourth site, registered, whose SuperNode runs only app bundles signed by a key it trusts
     (Flower's --trusted-entities, given through the deploy script): the coordinator's Ed25519 key
     from `hemex certs`. Returns its node id and log."""
-    root, certs, port = deployment["root"], deployment["certs"], deployment["port"]
+    root, certs = deployment["root"], deployment["certs"]
     registered = flwr_json(["supernode", "register", str(certs / "nodes" / "pinned.pub"), CONNECTION],
                            deployment["cli_env"], root)
     assert registered["success"]
     trusted = root / "trusted-entities.yaml"
     trusted.write_text(f'hemex-coordinator: "{(certs / "bundle.pub").read_text(encoding="utf-8").strip()}"\n',
                        encoding="utf-8")
-    node_port = free_port()
-    deployment["processes"].markers.add(f"127.0.0.1:{node_port}".encode())
-    log = root / "supernode-pinned.log"
-    process = deployment["processes"].start(
-        "pinned supernode",
-        ["bash", str(SUPERNODE_SCRIPT), "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
-         "--key", str(certs / "nodes" / "pinned.key"), "--center", "pinned", "--data-path",
-         str(deployment["data"] / "center1"), "--port", str(node_port), "--state", str(root / "supernode-pinned"),
-         "--", "--trusted-entities", str(trusted)],
-        flower_env(root / "flwr-home"), log, root)
+    process, log = start_extra_supernode(deployment, "pinned", ["--", "--trusted-entities", str(trusted)])
     deployment["watched"].append(("pinned supernode", process, log))
     wait_for(lambda: "SuperNode ID:" in log.read_text(errors="replace"), 180, "the pinned SuperNode to connect",
              deployment["watched"])

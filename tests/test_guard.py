@@ -298,7 +298,6 @@ def test_a_silent_held_out_centre_is_not_evaluated_and_the_run_goes_on(tmp_path)
         federated_run(tmp_path, SiteGrid(["h1", "h2", "h4"], train=lambda center: 0.01), seg_rounds=1).execute()
 
 
-
 class RefusingGrid(SiteGrid):
     """Nodes named in `refusing` answer every message as a SuperNode that trusts only signed app
     bundles answers an unsigned one (Flower 1.42's reply, before any hemex code runs)."""
@@ -348,6 +347,7 @@ def test_discovery_waits_for_every_expected_centre_not_for_a_node_count(tmp_path
     report = federated_run(tmp_path, Reconnecting(1.5), seg_rounds=1, node_wait_s=5.0).execute()
     assert set(report["stages"]["seg"]["rounds"][0]["train"]["sent_bytes"]) == {"h1", "h2", "h3"}
     assert report["refused_nodes"] == {"5": "The FAB could not be verified."}
+
 
 class LateStarter(SiteGrid):
     """h3 answers its first message (query.info) only `delay` s after it was sent (None: never),
